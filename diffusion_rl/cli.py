@@ -1,0 +1,162 @@
+"""`drl` command line: train, sample, config show, credit inspect, reward (list/score).
+
+Errors the user can fix (bad config, missing model, corrupt checkpoint, bad reward) print one clear
+message and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="drl: reinforcement-learning fine-tuning of text-to-image diffusion models (DDPO/GRPO, dense credit).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+credit_app = typer.Typer(help="Inspect step-level credit of a run.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(credit_app, name="credit")
+
+
+def _mount_reward_cli() -> None:
+    from rewards.cli import app as reward_app
+
+    app.add_typer(reward_app, name="reward", help="List reward models and score images.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import rewards
+    from diffusion_rl.checkpoint import CheckpointError
+    from diffusion_rl.config import ConfigError
+    from diffusion_rl.models import ModelLoadError
+    from diffusion_rl.prompts import PromptError
+    from diffusion_rl.trainer import NonFiniteTrainingError, ResumeError
+
+    return (ConfigError, CheckpointError, ModelLoadError, PromptError, ResumeError, NonFiniteTrainingError, rewards.RewardError)
+
+
+def _fail(err: BaseException) -> None:
+    typer.echo(f"drl: error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+ConfigArg = Annotated[
+    Optional[Path], typer.Argument(help="YAML config (default: the embedded CPU default, configs/default.yaml).")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)."),
+]
+
+
+def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | None = None):
+    from diffusion_rl.config import load_config
+
+    overrides = list(overrides or [])
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+    return load_config(config, overrides)
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    output_dir: Annotated[Optional[Path], typer.Option(help="Run directory (overrides output_dir).")] = None,
+    resume: Annotated[
+        Optional[str], typer.Option(help="'auto' = newest complete checkpoint of the run, or a checkpoint directory.")
+    ] = None,
+) -> None:
+    """Fine-tune a diffusion model with RL. With no arguments runs the embedded CPU default in minutes."""
+    try:
+        cfg = _load(config, set_, output_dir)
+        from diffusion_rl.trainer import train as run_training
+
+        run_training(cfg, resume=resume)
+    except _user_errors() as err:
+        _fail(err)
+
+
+@app.command()
+def sample(
+    model_or_run: Annotated[str, typer.Argument(help="A model (hub id, directory, builtin:...) or a drl run directory.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 4,
+    out: Annotated[Path, typer.Option(help="Output directory for the PNGs and grid.png.")] = Path("samples"),
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: the run's, else 20).")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="CFG weight (default: the run's, else 5).")] = None,
+) -> None:
+    """Sample images (and a grid PNG) from a model or from a trained run (its LoRA or UNet applied)."""
+    try:
+        from diffusion_rl.inference import load_for_inference, sample_images
+
+        pipe, defaults = load_for_inference(model_or_run)
+        paths = sample_images(
+            pipe, prompt, num, out, seed,
+            steps or defaults.get("num_steps", 20), guidance_scale or defaults.get("guidance_scale", 5.0),
+        )
+        typer.echo(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    except _user_errors() as err:
+        _fail(err)
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    doc: Annotated[bool, typer.Option(help="List every field with its documentation instead.")] = False,
+) -> None:
+    """Print the resolved configuration (YAML) after defaults and overrides, or validate and document it."""
+    from diffusion_rl.config import documented_fields, dump_config
+
+    try:
+        cfg = _load(config, set_)
+    except _user_errors() as err:
+        _fail(err)
+    if doc:
+        for path, text in documented_fields():
+            typer.echo(f"{path}: {' '.join(text.split())}")
+        return
+    typer.echo(dump_config(cfg), nl=False)
+
+
+@credit_app.command("inspect")
+def credit_inspect(
+    run_dir: Annotated[Path, typer.Argument(help="A drl run directory.")],
+    epoch: Annotated[Optional[int], typer.Option(help="Epoch to show (default: the latest).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the per-step credit profile of the latest (or a given) epoch as a small table."""
+    path = run_dir / "credit_profile.jsonl"
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path} not found; is {run_dir} a drl run directory with a finished epoch?"))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    chosen = rows[-1] if epoch is None else next((r for r in rows if r["epoch"] == epoch), None)
+    if chosen is None:
+        _fail(ValueError(f"epoch {epoch} not in {path}; epochs: {[r['epoch'] for r in rows]}"))
+    if as_json:
+        typer.echo(json.dumps(chosen))
+        return
+    contrib, adv = chosen["mean_contribution"], chosen["mean_abs_step_advantage"]
+    peak = max(contrib) or 1.0
+    typer.echo(f"credit profile, epoch {chosen['epoch']} ({chosen['info']})")
+    typer.echo(f"{'step':>4}  {'contribution':>12}  {'|advantage|':>11}")
+    for k, (c, a) in enumerate(zip(contrib, adv)):
+        typer.echo(f"{k:>4}  {c:>12.4f}  {a:>11.4f}  {'#' * int(round(20 * max(c, 0) / peak))}")
+
+
+def main() -> None:
+    _mount_reward_cli()
+    app(prog_name="drl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Typed run configuration: YAML -> validated models, `--set a.b=c` overrides, one error listing all problems.
+
+Every field has a docstring (shown by `drl config show --doc`); unknown keys are rejected with a
+suggestion; cross-field rules (batch geometry, credit window, step selection) are checked in one
+place and reported together with the value and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem; `problems` lists every one found (path: what is wrong, the value, the fix)."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = "builtin:tiny-random"
+    """Stable Diffusion 1.x/2.x pipeline: a hub id (e.g. `runwayml/stable-diffusion-v1-5`), a local directory
+    holding `model_index.json`, `builtin:tiny-random` (a tiny randomly initialised pipeline built offline) or
+    `builtin:tiny-shapes` (the tiny pretrained shapes-world model shipped with drl)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
+    local_files_only: bool = False
+    """Never contact the hub; load only from the local cache or directory."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the frozen weights (UNet base, VAE, text encoder). Trainable parameters are always fp32."""
+    use_lora: bool = True
+    """Train LoRA adapters (peft) on the UNet; false fine-tunes the whole UNet."""
+    lora_rank: int = Field(4, ge=1)
+    """LoRA rank r."""
+    lora_alpha: float = Field(4.0, gt=0)
+    """LoRA alpha (scale = alpha / r)."""
+    lora_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """UNet module names that receive LoRA adapters (attention projections by default)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernel: PyTorch scaled-dot-product attention, or xformers (CUDA with xformers installed only)."""
+    seed: int = 0
+    """Seed of the weights of `builtin:tiny-random` (ignored for other models)."""
+
+
+class SampleConfig(_Section):
+    num_steps: int = Field(10, ge=1)
+    """DDIM sampling steps T per trajectory (the MDP horizon)."""
+    guidance_scale: float = Field(5.0, ge=1.0)
+    """Classifier-free guidance weight w (1 disables guidance); also used when recomputing log-probs."""
+    eta: float = Field(1.0, gt=0)
+    """DDIM eta; must be > 0 so each step is a Gaussian policy with a finite log-probability."""
+    batch_size: int = Field(8, ge=1)
+    """Trajectories sampled per process per sampling batch."""
+    num_batches_per_epoch: int = Field(2, ge=1)
+    """Sampling batches per process per epoch."""
+    images_per_prompt: int = Field(4, ge=1)
+    """K: trajectories per prompt within a batch (the group used for per-prompt statistics)."""
+    negative_prompt: str = ""
+    """Negative prompt for classifier-free guidance."""
+
+
+class PromptsConfig(_Section):
+    source: Literal["list", "file", "dataset"] = "list"
+    """Where prompts come from: the `prompts` list, a text/JSONL `path`, or a `datasets` dataset."""
+    prompts: list[str] = ["a photo of a cat", "a photo of a dog", "a red apple", "a blue car"]
+    """Prompts used when source = list."""
+    path: str | None = None
+    """Text file (one prompt per line) or JSONL file (objects with a `prompt` key; other keys become metadata)."""
+    dataset: str | None = None
+    """`datasets` hub id or local path (a saved dataset or a data file) when source = dataset."""
+    split: str = "train"
+    """Dataset split."""
+    column: str = "prompt"
+    """Dataset column holding the prompt text."""
+
+
+class RewardComponent(_Section):
+    name: str
+    """Registered reward name (see `drl reward list`)."""
+    weight: float = 1.0
+    """Weight of this component in the combination."""
+    label: str | None = None
+    """Unique label when the same reward appears twice."""
+    options: dict[str, Any] = {}
+    """Keyword options passed to the reward factory (model_path, dtype, device, ...)."""
+
+
+class RewardConfig(_Section):
+    name: str | None = "jpeg_compressibility"
+    """Registered reward name (`drl reward list`); leave empty when `components` is given."""
+    options: dict[str, Any] = {}
+    """Keyword options for the reward factory."""
+    components: list[RewardComponent] = []
+    """Weighted list of rewards (multi-reward); replaces `name`."""
+    combine: Literal["sum", "advantage"] = "sum"
+    """Multi-reward combination: weighted sum of raw rewards, or weighted sum of per-prompt normalised advantages."""
+    nonfinite: Literal["error", "mask"] = "mask"
+    """What to do with NaN/unscorable rewards: stop with an error naming the reward, or mask the sample (zero advantage)."""
+    max_unscorable_fraction: float = Field(0.25, ge=0, le=1)
+    """With nonfinite = mask, stop when more than this fraction of an epoch's samples is unscorable."""
+    overlap: bool = True
+    """Score batch i in a worker thread while batch i+1 is sampled."""
+
+
+class AdvantageConfig(_Section):
+    per_prompt_stat_tracking: bool = True
+    """Standardise rewards per prompt with a bounded buffer (DDPO); false uses whole-batch statistics."""
+    buffer_size: int = Field(32, ge=1)
+    """Rewards kept per prompt."""
+    min_count: int = Field(16, ge=1)
+    """Below this many buffered rewards a prompt uses the whole batch's statistics."""
+    scale_std: bool = True
+    """Divide by the standard deviation (false = Dr.GRPO: centre only)."""
+    clip: float = Field(5.0, gt=0)
+    """Clamp advantages to [-clip, clip]."""
+
+
+class CreditConfig(_Section):
+    kind: Literal["sparse", "uniform", "coca"] = "sparse"
+    """Step-level credit: sparse (DDPO, same advantage at every step), uniform (reward-to-go of 1/T by true step)
+    or coca (cosine of each step's predicted x0 with the final latent decides each step's share)."""
+    window: int = Field(5, ge=1)
+    """CoCA smoothing window w; must divide sample.num_steps."""
+    alpha: float = Field(0.0, ge=0, le=1)
+    """CoCA blend: R = A * (alpha + (1 - alpha) * reward_to_go); 1 = sparse, 0 = pure CoCA."""
+    stage2: Literal["paper", "batch", "running", "none"] = "paper"
+    """CoCA second per-prompt standardisation: published statistics (paper), current batch, whole buffer, or none."""
+    buffer_size: int = Field(32, ge=1)
+    """CoCA stage-2 buffer length per prompt."""
+    min_count: int = Field(16, ge=1)
+    """CoCA stage-2 entries needed before per-prompt statistics replace batch statistics."""
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(4, ge=1)
+    """Trajectories per training micro-batch per process."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Training micro-batches accumulated per optimizer step (each spans all trained timesteps)."""
+    num_inner_epochs: int = Field(1, ge=1)
+    """PPO passes over each epoch's samples."""
+    timestep_fraction: float = Field(1.0, gt=0, le=1)
+    """Fraction of the T steps trained per trajectory."""
+    timestep_selection: Literal["all", "random", "credit"] = "all"
+    """Which steps are trained: all, a random subset (timestep_fraction), or the steps holding the most credit."""
+    learning_rate: float = Field(3e-4, gt=0)
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Clip the total gradient norm before each optimizer step."""
+    clip_range: float = Field(1e-4, gt=0)
+    """PPO clip: ratio kept in [1 - clip_range, 1 + clip_range_high]; the ratio is of mean-over-dims log-probs."""
+    clip_range_high: float | None = Field(None, gt=0)
+    """Upper clip range (defaults to clip_range)."""
+    loss_aggregation: Literal["seq_mean", "token_mean", "constant"] = "token_mean"
+    """How per-step losses are averaged (see diffusion_rl.grpo.policy_loss)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of a KL penalty to the reference (the UNet with LoRA disabled); needs use_lora."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator for the penalty."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """accelerate mixed precision for the UNet forward; log-probs stay fp32."""
+    max_consecutive_nonfinite: int = Field(3, ge=1)
+    """Abort after this many optimizer steps in a row skipped for non-finite loss or gradients."""
+
+
+class LoggingConfig(_Section):
+    image_every: int = Field(1, ge=0)
+    """Write a grid of sampled images to TensorBoard every N epochs (0 = never)."""
+    num_images: int = Field(8, ge=1)
+    """Images in that grid."""
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(1, ge=0)
+    """Save a checkpoint every N epochs (0 = only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are pruned only after a new one is whole."""
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0)
+    """Evaluate every N epochs (0 = only before and after training when num_prompts > 0)."""
+    prompts: list[str] = []
+    """Held-out prompts (empty = none)."""
+    reward: str | None = None
+    """Reward used for evaluation (defaults to the training reward)."""
+    seed: int = 1234
+    """Evaluation noise seed, independent of the training sampler."""
+    images_per_prompt: int = Field(1, ge=1)
+    """Samples per evaluation prompt."""
+
+
+class RunConfig(_Section):
+    """A full `drl train` run. Defaults are the embedded CPU default (tiny model, runs in seconds)."""
+
+    seed: int = 42
+    """Seed for prompts, noise and shuffles (combined with the process index)."""
+    num_epochs: int = Field(2, ge=1)
+    """Epochs: each samples trajectories, scores them and runs the inner PPO epochs."""
+    output_dir: str = "runs/default"
+    """Run directory: TensorBoard logs, images, checkpoints, final LoRA/UNet, resolved config."""
+    model: ModelConfig = ModelConfig()
+    sample: SampleConfig = SampleConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    reward: RewardConfig = RewardConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    credit: CreditConfig = CreditConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def num_train_timesteps(self) -> int:
+        return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    def geometry(self, world_size: int) -> dict[str, int]:
+        """Derived batch numbers, printed at start-up."""
+        local = self.sample.batch_size * self.sample.num_batches_per_epoch
+        per_update = self.train.batch_size * self.train.gradient_accumulation_steps
+        return {
+            "samples_per_epoch": local * world_size,
+            "samples_per_epoch_per_process": local,
+            "prompts_per_epoch": local * world_size // self.sample.images_per_prompt,
+            "trained_steps_per_trajectory": self.num_train_timesteps(),
+            "updates_per_epoch": self.train.num_inner_epochs * (local // per_update),
+            "effective_batch_trajectories": per_update * world_size,
+            "effective_batch_transitions": per_update * world_size * self.num_train_timesteps(),
+        }
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Rules that involve several fields; each message names the values and the fix."""
+    problems: list[str] = []
+    s, t, c = cfg.sample, cfg.train, cfg.credit
+    local = s.batch_size * s.num_batches_per_epoch
+    per_update = t.batch_size * t.gradient_accumulation_steps
+    if s.batch_size % s.images_per_prompt:
+        problems.append(
+            f"sample.batch_size ({s.batch_size}) must be divisible by sample.images_per_prompt "
+            f"({s.images_per_prompt}) so every batch holds whole prompt groups; e.g. set sample.batch_size="
+            f"{s.images_per_prompt * max(1, s.batch_size // s.images_per_prompt)}"
+        )
+    if local % per_update:
+        problems.append(
+            f"samples per process per epoch (sample.batch_size {s.batch_size} x sample.num_batches_per_epoch "
+            f"{s.num_batches_per_epoch} = {local}) must be divisible by train.batch_size x "
+            f"train.gradient_accumulation_steps ({t.batch_size} x {t.gradient_accumulation_steps} = {per_update})"
+        )
+    if t.batch_size > local:
+        problems.append(f"train.batch_size ({t.batch_size}) exceeds the samples per process per epoch ({local})")
+    if c.kind == "coca" and s.num_steps % c.window:
+        problems.append(
+            f"credit.window ({c.window}) must divide sample.num_steps ({s.num_steps}) for CoCA's window "
+            f"smoothing; pick a divisor of {s.num_steps}, e.g. "
+            f"{max(d for d in range(1, min(c.window, s.num_steps) + 1) if s.num_steps % d == 0)}"
+        )
+    if cfg.num_train_timesteps() < 1:
+        problems.append(
+            f"train.timestep_fraction ({t.timestep_fraction}) x sample.num_steps ({s.num_steps}) trains no step; "
+            f"raise it to at least {1 / s.num_steps:.3g}"
+        )
+    if t.timestep_selection == "all" and t.timestep_fraction != 1.0:
+        problems.append(
+            f"train.timestep_selection=all trains every step but train.timestep_fraction is {t.timestep_fraction}; "
+            "set timestep_selection to random or credit, or timestep_fraction to 1.0"
+        )
+    if t.kl_coef > 0 and not cfg.model.use_lora:
+        problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the UNet with LoRA disabled)")
+    r = cfg.reward
+    if r.components and r.name:
+        problems.append("reward: give either reward.name or reward.components, not both (set reward.name: null)")
+    if not r.components and not r.name:
+        problems.append("reward: set reward.name (see `drl reward list`) or a list of reward.components")
+    if r.combine == "advantage" and not r.components:
+        problems.append("reward.combine=advantage needs reward.components (a weighted list of rewards)")
+    p = cfg.prompts
+    if p.source == "list" and not p.prompts:
+        problems.append("prompts.prompts is empty; add prompts or use prompts.source=file/dataset")
+    if p.source == "file" and not p.path:
+        problems.append("prompts.source=file needs prompts.path (a .txt or .jsonl file)")
+    if p.source == "dataset" and not p.dataset:
+        problems.append("prompts.source=dataset needs prompts.dataset (a hub id or local path)")
+    return problems
+
+
+def _format_pydantic(err: ValidationError, raw: dict) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        path = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            section: Any = RunConfig
+            for key in loc[:-1]:
+                field = section.model_fields.get(key) if isinstance(section, type) else None
+                ann = getattr(field, "annotation", None)
+                section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+                if section is None:
+                    break
+            known = list(section.model_fields) if section is not None else []
+            close = difflib.get_close_matches(loc[-1].replace("-", "_"), known, n=1)
+            hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+            problems.append(f"{path}: unknown key{hint}" + (f" (known: {', '.join(known)})" if not close and known else ""))
+        else:
+            problems.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: expected key.path=value, e.g. --set train.learning_rate=1e-4"])
+    key, value = item.split("=", 1)
+    parsed = yaml.safe_load(value) if value != "" else ""
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for key in path[:-1]:
+            nxt = node.get(key)
+            if not isinstance(nxt, dict):
+                nxt = node[key] = {} if nxt is None else nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError([f"--set {item!r}: '{key}' is not a section"])
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def _without(raw: dict, locs: list[tuple]) -> dict:
+    """A deep copy of `raw` with the offending leaves removed (they fall back to defaults)."""
+    out = copy.deepcopy(raw)
+    for loc in locs:
+        node = out
+        for key in loc[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return out
+
+
+def build_config(raw: dict, source: str = "config") -> RunConfig:
+    """Validate; field errors and cross-field errors are reported together in one ConfigError."""
+    try:
+        return_cfg = RunConfig.model_validate(raw)
+        field_problems: list[str] = []
+    except ValidationError as err:
+        field_problems = _format_pydantic(err, raw)
+        try:  # check the cross-field rules on what is valid, so every problem is reported at once
+            return_cfg = RunConfig.model_validate(_without(raw, [e["loc"] for e in err.errors()]))
+        except ValidationError:
+            raise ConfigError(field_problems, source) from None
+    problems = field_problems + cross_field_problems(return_cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return return_cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; pass a YAML file such as configs/default.yaml"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"])
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config (or the embedded defaults when `path` is None) and apply `--set` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides))
+    return build_config(raw, str(path) if path else "the default config")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def documented_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, docstring) for every leaf field; used by docs and the 'every field documented' test."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += documented_fields(ann, f"{prefix}{name}.")
+        else:
+            out.append((f"{prefix}{name}", field.description or ""))
+    return out
