@@ -83,6 +83,31 @@ def _check_resume_config(saved: dict, current: RunConfig) -> list[str]:
     return changed
 
 
+def training_view(
+    samples: Trajectories, step_adv: torch.Tensor, k: int, selection: str, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Shuffle samples, then choose and shuffle k steps per sample. Everything indexed by (sample, step)
+    moves together, so each trained pair keeps its own latents, timestep, old log-prob and advantage.
+
+    step_adv [N, T] is in true sampling order; returns tensors [N, k, ...] plus `perm` [N], `steps` [N, k].
+    """
+    n = len(samples)
+    perm = torch.randperm(n, generator=generator)  # [N] shuffle samples
+    steps = credit.select_steps(step_adv[perm], k, selection, generator)  # [N, k] true step indices, shuffled
+    rows = perm[:, None]
+    return {
+        "perm": perm,
+        "steps": steps,
+        "latents": samples.latents[rows, steps],  # [N, k, C, h, w]
+        "next_latents": samples.next_latents[rows, steps],
+        "timesteps": samples.timesteps[rows, steps],  # [N, k]
+        "log_probs": samples.log_probs[rows, steps],
+        "advantages": step_adv[rows, steps],
+        "prompt_embeds": samples.prompt_embeds[perm],  # [N, L, D]
+        "negative_embeds": samples.negative_embeds[perm],
+    }
+
+
 def train(
     cfg: RunConfig,
     reward_fn: Callable | None = None,
@@ -273,13 +298,9 @@ def train(
         n_micro = 0
         for inner in range(cfg.train.num_inner_epochs):
             g = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1_000_000 + inner))
-            perm = torch.randperm(N, generator=g)  # shuffle samples
-            steps = credit.select_steps(step_adv[perm], k_train, cfg.train.timestep_selection, g)  # [N, k] true idx
-            rows = perm[:, None]
-            # Everything indexed by (sample, step) moves together, so each trained pair keeps its own advantage.
-            lat, nxt = samples.latents[rows, steps], samples.next_latents[rows, steps]  # [N, k, C, h, w]
-            ts, old_lp, a = samples.timesteps[rows, steps], samples.log_probs[rows, steps], step_adv[rows, steps]
-            pe, ne = samples.prompt_embeds[perm], samples.negative_embeds[perm]
+            view = training_view(samples, step_adv, k_train, cfg.train.timestep_selection, g)
+            lat, nxt, ts, old_lp, a = view["latents"], view["next_latents"], view["timesteps"], view["log_probs"], view["advantages"]
+            pe, ne = view["prompt_embeds"], view["negative_embeds"]
             for b0 in tqdm(range(0, N, cfg.train.batch_size), desc=f"epoch {epoch} training", disable=not main, leave=False):
                 mb = slice(b0, b0 + cfg.train.batch_size)
                 for j in range(k_train):
@@ -311,7 +332,7 @@ def train(
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                             # Decide on all ranks together: any non-finite loss or gradient skips the step.
                             bad = torch.tensor(
-                                [float(not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))))], device=dev
+                                [float(not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))))], device=dev
                             )
                             if accelerator.reduce(bad, reduction="sum").item() > 0:
                                 skipped_total += 1
