@@ -400,7 +400,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     """Load a YAML config (or the embedded defaults when `path` is None) and apply `--set` overrides."""
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
-    return build_config(raw, str(path) if path else "the default config")
+    cfg = build_config(raw, str(path) if path else "the default config")
+    # A relative prompts.path is relative to the YAML file when it exists there (configs/prompts/...).
+    if path is not None and cfg.prompts.path and not Path(cfg.prompts.path).is_absolute():
+        beside = Path(path).parent / cfg.prompts.path
+        if beside.exists() and not Path(cfg.prompts.path).exists():
+            cfg.prompts.path = str(beside)
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -1,0 +1,36 @@
+"""drl rewards: reward models for RL fine-tuning of text-to-image diffusion models.
+
+    import rewards
+    fn = rewards.load("jpeg_compressibility")
+    scores, info = fn(images, prompts, metadata)   # float32 [B] on CPU, NaN = unscorable
+
+See docs/rewards.md for the reward table, preprocessing and formulas.
+"""
+
+from rewards.async_scorer import AsyncScorer
+from rewards.base import CallableReward, RewardError, RewardFn, check_scores
+from rewards.hub import resolve
+from rewards.images import ImageBatch, to_float_tensor, to_pil_list, to_uint8_numpy
+from rewards.multi import MultiReward, load_multi
+from rewards.registry import INFO, REGISTRY, RewardInfo, available, load, register
+
+__all__ = [
+    "INFO",
+    "REGISTRY",
+    "AsyncScorer",
+    "CallableReward",
+    "ImageBatch",
+    "MultiReward",
+    "RewardError",
+    "RewardFn",
+    "RewardInfo",
+    "available",
+    "check_scores",
+    "load",
+    "load_multi",
+    "register",
+    "resolve",
+    "to_float_tensor",
+    "to_pil_list",
+    "to_uint8_numpy",
+]

@@ -1,0 +1,188 @@
+"""Reward registry: a plain dict ``name -> factory`` plus descriptive metadata for ``drl reward list``.
+
+Model rewards are imported lazily (``_Lazy``) so ``import rewards`` stays light. ``load(name, **options)``
+validates option names against the factory signature before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rewards.base import RewardError, RewardFn
+
+
+class _Lazy:
+    """A factory imported on first use: ``module:function``."""
+
+    def __init__(self, module: str, function: str):
+        self.module = module
+        self.function = function
+
+    def resolve(self) -> Callable[..., RewardFn]:
+        try:
+            mod = importlib.import_module(self.module)
+        except ModuleNotFoundError as exc:
+            if exc.name == self.module:
+                raise RewardError(
+                    f"reward module {self.module!r} is not available (file missing); the reward is "
+                    f"registered but its implementation is not installed in this checkout"
+                ) from exc
+            raise
+        return getattr(mod, self.function)
+
+    def __call__(self, **options: Any) -> RewardFn:
+        return self.resolve()(**options)
+
+    def __repr__(self) -> str:
+        return f"_Lazy({self.module}:{self.function})"
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    """What ``drl reward list`` shows."""
+
+    weights: str
+    output_range: str
+    licence: str
+    differentiable: bool
+    description: str
+
+
+REGISTRY: dict[str, Callable[..., RewardFn]] = {
+    "jpeg_compressibility": _Lazy("rewards.jpeg", "make_jpeg_compressibility"),
+    "jpeg_incompressibility": _Lazy("rewards.jpeg", "make_jpeg_incompressibility"),
+    "aesthetic": _Lazy("rewards.aesthetic", "make_aesthetic_reward"),
+    "pickscore": _Lazy("rewards.pickscore", "make_pickscore_reward"),
+    "imagereward": _Lazy("rewards.imagereward", "make_imagereward_reward"),
+    "hpsv2": _Lazy("rewards.hps", "make_hpsv2_reward"),
+    "hpsv2.1": _Lazy("rewards.hps", "make_hpsv21_reward"),
+    "clipscore": _Lazy("rewards.clipscore", "make_clipscore_reward"),
+    "shapes_alignment": _Lazy("rewards.shapes_alignment", "make_shapes_alignment_reward"),
+}
+
+INFO: dict[str, RewardInfo] = {
+    "jpeg_compressibility": RewardInfo(
+        "-", "(-inf, 0] (-kB; 512px SD ~ -150..-10)", "no weights", False, "-(JPEG q95 size in kB)"
+    ),
+    "jpeg_incompressibility": RewardInfo(
+        "-", "[0, inf) (kB; 512px SD ~ 10..150)", "no weights", False, "JPEG q95 size in kB"
+    ),
+    "aesthetic": RewardInfo(
+        "openai/clip-vit-large-patch14 + trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
+        "~1..10 (SD1.x ~5.5)",
+        "head Apache-2.0; CLIP weights research use (OpenAI model card)",
+        True,
+        "LAION aesthetic predictor v2: linear MLP on L2-normalised CLIP ViT-L/14 image embedding",
+    ),
+    "pickscore": RewardInfo(
+        "yuvalkirstain/PickScore_v1 (+ processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+        "~15..25 (100*cos; SD1.5 ~20-22)",
+        "code MIT; weights no licence declared (treat as research)",
+        True,
+        "exp(logit_scale) * cos(image, prompt)",
+    ),
+    "imagereward": RewardInfo(
+        "THUDM/ImageReward:ImageReward.pt (+ tokenizer bert-base-uncased)",
+        "~N(0,1), about -3..3",
+        "Apache-2.0",
+        True,
+        "(MLP(BLIP CLS feature) - 0.16717) / 1.03334",
+    ),
+    "hpsv2": RewardInfo(
+        "xswu/HPSv2:HPS_v2_compressed.pt (open_clip ViT-H-14)",
+        "~0.2..0.35 (cos)",
+        "Apache-2.0",
+        True,
+        "HPSv2.0: cos(image, prompt) of fine-tuned OpenCLIP ViT-H-14, no logit scale",
+    ),
+    "hpsv2.1": RewardInfo(
+        "xswu/HPSv2:HPS_v2.1_compressed.pt (open_clip ViT-H-14)",
+        "~0.2..0.35 (cos)",
+        "Apache-2.0",
+        True,
+        "HPSv2.1: cos(image, prompt), not comparable with v2.0",
+    ),
+    "clipscore": RewardInfo(
+        "openai/clip-vit-large-patch14",
+        "[0, w] (w=2.5: ~0.7..0.9 typical)",
+        "CLIP weights research use (OpenAI model card)",
+        True,
+        "w * max(cos(image, caption), 0) (Hessel et al. 2021)",
+    ),
+    "shapes_alignment": RewardInfo(
+        "-", "see rewards/shapes_alignment.py", "-", False, "prompt/shape alignment on the toy shapes task"
+    ),
+}
+
+
+def available() -> list[str]:
+    """Registered reward names, sorted."""
+    return sorted(REGISTRY)
+
+
+def register(
+    name: str, factory: Callable[..., RewardFn], info: RewardInfo | None = None, *, overwrite: bool = False
+) -> None:
+    """Add a reward factory under ``name`` (raises if taken unless ``overwrite``)."""
+    if name in REGISTRY and not overwrite:
+        raise RewardError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
+    REGISTRY[name] = factory
+    INFO[name] = info or RewardInfo("-", "-", "-", False, getattr(factory, "__doc__", None) or "-")
+
+
+def _check_options(name: str, factory: Callable[..., Any], options: dict[str, Any]) -> None:
+    sig = inspect.signature(factory)
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise RewardError(
+            f"reward {name!r} has no option(s) {unknown}; accepted options: "
+            f"{', '.join(accepted) if accepted else '(none)'}"
+        )
+
+
+def load(name: str, **options: Any) -> RewardFn:
+    """Build the reward ``name`` once (models loaded now) and return its ``RewardFn``."""
+    if name not in REGISTRY:
+        raise RewardError(f"unknown reward {name!r}; available rewards: {', '.join(available())}")
+    factory = REGISTRY[name]
+    real = factory.resolve() if isinstance(factory, _Lazy) else factory
+    _check_options(name, real, options)
+    try:
+        fn = real(**options)
+    except RewardError:
+        raise
+    except Exception as exc:
+        raise RewardError(f"could not load reward {name!r}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(fn, RewardFn):
+        return fn
+    if callable(fn):
+        return _ForeignReward(name, fn)
+    raise RewardError(f"factory of reward {name!r} returned {type(fn).__name__}, not a RewardFn")
+
+
+class _ForeignReward(RewardFn):
+    """Adapts a callable that is not a ``RewardFn`` subclass (validation, error wrapping, score_tensor)."""
+
+    def __init__(self, name: str, fn: Callable[..., Any]):
+        self.name = str(getattr(fn, "name", name))
+        self.differentiable = bool(getattr(fn, "differentiable", False)) and hasattr(fn, "score_tensor")
+        self._fn = fn
+
+    def _score(self, images, prompts, metadata):
+        out = self._fn(images, prompts, metadata)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+            return out
+        return out, {}
+
+    def score_tensor(self, images, prompts=None):
+        if not self.differentiable:
+            return super().score_tensor(images, prompts)
+        return self._fn.score_tensor(images, prompts)

@@ -1,0 +1,136 @@
+"""Config validation: every shipped YAML, unknown keys, cross-field rules, overrides, CLI errors."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from diffusion_rl.cli import _mount_reward_cli, app
+from diffusion_rl.config import (
+    ConfigError,
+    RunConfig,
+    documented_fields,
+    dump_config,
+    load_config,
+)
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    geo = cfg.geometry(world_size=1)
+    assert geo["samples_per_epoch"] == cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+    if cfg.prompts.source == "file":
+        assert Path(cfg.prompts.path).is_file(), f"{path.name} points at a missing prompt file"
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"default.yaml", "tiny.yaml"} <= names
+
+
+def test_default_yaml_equals_builtin_defaults():
+    """`drl train` with no CONFIG uses the built-in defaults; configs/default.yaml must say the same."""
+    from_file = yaml.safe_load((Path(__file__).parents[1] / "configs" / "default.yaml").read_text())
+    assert from_file == RunConfig().model_dump(mode="json")
+
+
+def test_every_field_is_documented():
+    fields = documented_fields()
+    assert len(fields) > 60
+    assert [p for p, doc in fields if len(doc.split()) < 2] == []
+
+
+def test_all_problems_reported_at_once_with_paths_values_and_fixes():
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            None,
+            [
+                "train.lerning_rate=1e-3",  # typo
+                "sample.eta=0",  # bad value
+                "sample.batch_size=6",  # not divisible by images_per_prompt=4
+                "credit.kind=coca",
+                "credit.window=3",  # does not divide num_steps=10
+                "credit.alpha=1.5",  # out of range
+            ],
+        )
+    problems = exc.value.problems
+    text = str(exc.value)
+    assert len(problems) == 5
+    assert "train.lerning_rate: unknown key; did you mean 'train.learning_rate'?" in text
+    assert "sample.eta" in text and "got 0" in text
+    assert "sample.batch_size (6) must be divisible by sample.images_per_prompt (4)" in text
+    assert "credit.window (3) must divide sample.num_steps (10)" in text
+    assert "credit.alpha" in text and "1.5" in text
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.batch_size=3"], "must be divisible by train.batch_size x train.gradient_accumulation_steps"),
+        (["train.timestep_fraction=0.5"], "timestep_selection=all trains every step"),
+        (["train.timestep_fraction=0.05", "train.timestep_selection=random"], "trains no step"),
+        (["train.kl_coef=0.1", "model.use_lora=false"], "needs model.use_lora=true"),
+        (["reward.name=null"], "set reward.name"),
+        (["prompts.source=file"], "needs prompts.path"),
+        (["model.dtype=float64"], "model.dtype"),
+        (["foo=1"], "foo: unknown key"),
+        (["sample"], "expected key.path=value"),
+    ],
+)
+def test_each_rule_has_a_clear_message(overrides, fragment):
+    with pytest.raises(ConfigError, match=None) as exc:
+        load_config(None, overrides)
+    assert fragment in str(exc.value)
+
+
+def test_overrides_are_typed_and_round_trip(tmp_path):
+    cfg = load_config(None, ["train.learning_rate=1e-5", "sample.num_steps=20", "prompts.prompts=[a, b]"])
+    assert cfg.train.learning_rate == 1e-5 and cfg.sample.num_steps == 20 and cfg.prompts.prompts == ["a", "b"]
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+    assert load_config(path).hash() == cfg.hash()
+
+
+def test_relative_prompt_file_resolves_beside_the_yaml(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    (tmp_path / "c.yaml").write_text("prompts: {source: file, path: p.txt}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert Path(cfg.prompts.path) == tmp_path / "p.txt"
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample: {batch_size: 6}\ntrain: {learnig_rate: 1}\n")
+    result = runner.invoke(app, ["train", str(bad)])
+    assert result.exit_code == 2
+    assert "2 problem(s)" in result.output and "did you mean 'train.learning_rate'" in result.output
+    assert "Traceback" not in result.output
+    missing = runner.invoke(app, ["train", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_cli_config_show_prints_resolved_yaml_and_docs():
+    result = runner.invoke(app, ["config", "show", "configs/tiny.yaml", "--set", "train.learning_rate=0.5"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["train"]["learning_rate"] == 0.5 and shown["sample"]["num_steps"] == 4
+    doc = runner.invoke(app, ["config", "show", "--doc"])
+    assert "credit.alpha: CoCA blend" in doc.output
+
+
+def test_every_command_and_option_has_help():
+    _mount_reward_cli()
+    for argv in (["--help"], ["train", "--help"], ["sample", "--help"], ["config", "show", "--help"],
+                 ["credit", "inspect", "--help"], ["reward", "--help"]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, (argv, result.output)
+    help_text = runner.invoke(app, ["train", "--help"]).output
+    for option in ("--set", "--output-dir", "--resume"):
+        assert option in help_text
