@@ -345,6 +345,11 @@ def train(
                                     )
                             else:
                                 optimizer.step()
+                                if not all(torch.isfinite(p).all() for p in params):
+                                    raise NonFiniteTrainingError(
+                                        f"trainable parameters became non-finite at global step {global_step} "
+                                        f"(epoch {epoch}); lower train.learning_rate"
+                                    )
                                 global_step += 1
                                 consecutive_bad = 0
                                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)

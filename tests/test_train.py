@@ -1,0 +1,253 @@
+"""The trainer end to end on the tiny pipeline: artefacts, TensorBoard, LoRA, resume, failure handling."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rewards
+from diffusion_rl.config import PromptsConfig, load_config
+from diffusion_rl.prompts import PromptError, PromptSampler, PromptSet, load_prompts
+from diffusion_rl.sampling import Trajectories
+from diffusion_rl.trainer import NonFiniteTrainingError, train, training_view
+
+REPO = Path(__file__).parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+COCA = ["credit.kind=coca", "credit.window=2", "credit.min_count=2", "train.timestep_selection=credit",
+        "train.timestep_fraction=0.5"]
+
+
+def drl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "diffusion_rl.cli", *args], capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"drl {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def lora(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+
+
+# --------------------------------------------------------------------------------------------- units
+
+
+def test_training_view_keeps_each_pair_with_its_own_advantage():
+    """Plant A[n, k] = 1000 n + k; after the sample and time shuffles every trained (sample, step) pair
+    must carry its own advantage, timestep, latents and old log-prob."""
+    N, T = 5, 6
+    latents = torch.arange(N * T, dtype=torch.float32).reshape(N, T, 1, 1, 1).expand(N, T, 4, 2, 2).clone()
+    samples = Trajectories(
+        prompt_embeds=torch.arange(N, dtype=torch.float32)[:, None, None].expand(N, 3, 2).clone(),
+        negative_embeds=torch.zeros(N, 3, 2),
+        latents=latents,
+        next_latents=latents + 0.5,
+        timesteps=torch.arange(T)[None].expand(N, T) * 100 + torch.arange(N)[:, None],
+        log_probs=-torch.arange(N * T, dtype=torch.float32).reshape(N, T),
+        pred_x0=torch.zeros(N, T, 4, 2, 2),
+        similarities=torch.zeros(N, T + 1),
+        images=torch.zeros(N, 3, 4, 4),
+    )
+    planted = 1000.0 * torch.arange(N)[:, None] + torch.arange(T)[None]  # [N, T]
+    for mode, k in (("all", T), ("random", 3), ("credit", 2)):
+        view = training_view(samples, planted, k, mode, torch.Generator().manual_seed(3))
+        n = view["perm"][:, None].expand(N, k)
+        s = view["steps"]
+        assert torch.equal(view["advantages"], 1000.0 * n + s)
+        assert torch.equal(view["timesteps"], s * 100 + n)
+        assert torch.equal(view["log_probs"], -(n * T + s).float())
+        assert torch.equal(view["latents"][..., 0, 0, 0], (n * T + s).float())
+        assert torch.equal(view["next_latents"][..., 0, 0, 0], (n * T + s).float() + 0.5)
+        assert torch.equal(view["prompt_embeds"][:, 0, 0], view["perm"].float())
+        if mode == "all":
+            assert torch.equal(s.sort(1).values, torch.arange(T)[None].expand(N, T))
+        if mode == "credit":  # the two largest |A| per row are the last two steps
+            assert torch.equal(s.sort(1).values, torch.tensor([[4, 5]] * N))
+    # the time shuffle really permutes (not the identity order for every row)
+    view = training_view(samples, planted, T, "all", torch.Generator().manual_seed(0))
+    assert not torch.equal(view["steps"], torch.arange(T)[None].expand(N, T))
+
+
+def test_prompt_sources(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "id": 1}\n{"prompt": "a dog", "id": 2}\n')
+    assert load_prompts(PromptsConfig(source="file", path=str(tmp_path / "p.txt"))).prompts == ["a cat", "a dog"]
+    js = load_prompts(PromptsConfig(source="file", path=str(tmp_path / "p.jsonl")))
+    assert js.prompts == ["a cat", "a dog"] and js.metadata == [{"id": 1}, {"id": 2}]
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["x", "y", "z"], "tag": [1, 2, 3]}).save_to_disk(str(tmp_path / "ds"))
+    ds = load_prompts(PromptsConfig(source="dataset", dataset=str(tmp_path / "ds"), column="text"))
+    assert ds.prompts == ["x", "y", "z"] and ds.metadata[2] == {"tag": 3}
+    with pytest.raises(PromptError, match="no column 'prompt'"):
+        load_prompts(PromptsConfig(source="dataset", dataset=str(tmp_path / "ds")))
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    with pytest.raises(PromptError, match="bad.jsonl:1"):
+        load_prompts(PromptsConfig(source="file", path=str(tmp_path / "bad.jsonl")))
+
+
+def test_prompt_sampler_gives_ranks_disjoint_prompts_and_is_deterministic():
+    ps = PromptSet([f"p{i}" for i in range(10)], [{}] * 10)
+    r0 = PromptSampler(ps, 1, 2, 0).epoch_indices(3, 2, 2)
+    r1 = PromptSampler(ps, 1, 2, 1).epoch_indices(3, 2, 2)
+    flat0, flat1 = sum(r0, []), sum(r1, [])
+    assert not set(flat0) & set(flat1)
+    assert PromptSampler(ps, 1, 2, 0).epoch_indices(3, 2, 2) == r0
+    assert PromptSampler(ps, 1, 2, 0).epoch_indices(4, 2, 2) != r0
+    other = PromptSampler(PromptSet(["q"], [{}]), 1, 1, 0)
+    with pytest.raises(PromptError, match="differs from the checkpoint"):
+        other.load_state_dict(PromptSampler(ps, 1, 1, 0).state_dict())
+
+
+# ------------------------------------------------------------------------------- in-process training
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(TINY, [f"output_dir={tmp_path}", "num_epochs=1", "checkpoint.every=0", *overrides])
+
+
+def test_overlapped_reward_scoring_equals_synchronous(tmp_path):
+    a = train(_tiny(tmp_path / "a", "reward.overlap=true"))
+    b = train(_tiny(tmp_path / "b", "reward.overlap=false"))
+    assert a.history[0]["reward/mean"] == b.history[0]["reward/mean"]
+    la, lb = lora(tmp_path / "a"), lora(tmp_path / "b")
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_unscorable_rewards_are_masked_counted_or_an_error(tmp_path):
+    jpeg = rewards.load("jpeg_compressibility")
+
+    def half_broken(images, prompts, metadata):
+        scores, info = jpeg(images, prompts, metadata)
+        scores[0] = float("nan")  # the first sample of every batch cannot be scored
+        return scores, info
+
+    res = train(_tiny(tmp_path / "mask", "reward.nonfinite=mask", "reward.max_unscorable_fraction=0.5"), reward_fn=half_broken)
+    assert res.history[0]["reward/unscorable"] == 1
+    assert torch.isfinite(torch.tensor(res.history[0]["reward/mean"]))
+    with pytest.raises(rewards.RewardError, match="half_broken.*non-finite"):
+        train(_tiny(tmp_path / "err", "reward.nonfinite=error"), reward_fn=half_broken)
+    with pytest.raises(rewards.RewardError, match="max_unscorable_fraction"):
+        train(_tiny(tmp_path / "frac", "reward.max_unscorable_fraction=0.1"), reward_fn=half_broken)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
+    """An absurd learning rate blows the LoRA weights up: later steps have non-finite loss and
+    gradients, are skipped (weights untouched) and the run stops after max_consecutive_nonfinite."""
+    cfg = _tiny(tmp_path, "train.learning_rate=1e30", "train.max_consecutive_nonfinite=1", "num_epochs=3")
+    with pytest.raises(NonFiniteTrainingError, match="1 optimizer steps in a row had a non-finite loss"):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------------- the real CLI, CoCA
+
+
+@pytest.fixture(scope="module")
+def coca_runs(tmp_path_factory):
+    """A straight 3-epoch CoCA run, and the same run as 2 epochs + resume + 1, through the CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    straight, resumed = root / "straight", root / "resumed"
+    drl("train", str(TINY), "--output-dir", str(straight), *sum([["--set", o] for o in COCA], []))
+    drl("train", str(TINY), "--output-dir", str(resumed), "--set", "num_epochs=2", *sum([["--set", o] for o in COCA], []))
+    out = drl("train", str(TINY), "--output-dir", str(resumed), "--resume", "auto", *sum([["--set", o] for o in COCA], []))
+    assert "resumed from" in out.stdout and "at epoch 2" in out.stdout
+    return straight, resumed
+
+
+def test_run_writes_artefacts_and_derived_numbers(coca_runs):
+    straight, _ = coca_runs
+    assert (straight / "config.yaml").is_file() and load_config(straight / "config.yaml").credit.kind == "coca"
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+    assert sorted(p.name for p in (straight / "images").iterdir()) == ["epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
+    rows = metrics(straight)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["credit/steps_trained_per_trajectory"] == 2 and r["credit/steps_skipped_per_trajectory"] == 2 for r in rows)
+    assert rows[-1]["global_step"] == 3 * 2  # 4 samples / train batch 2 = 2 updates per epoch
+
+
+def test_tensorboard_event_file_holds_grouped_tags_and_logged_values(coca_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    straight, _ = coca_runs
+    acc = EventAccumulator(str(straight / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("reward/mean", "reward/std", "loss/policy_loss", "loss/clipfrac", "loss/approx_kl", "loss/grad_norm",
+                "perf/epoch_s", "perf/samples_per_s", "credit/share_first", "credit/share_last"):
+        assert tag in tags["scalars"], tag
+    assert "samples/grid" in tags["images"]
+    assert {"credit/contribution_by_step", "credit/abs_advantage_by_step"} <= set(tags["histograms"])
+    logged = [e.value for e in acc.Scalars("reward/mean")]
+    assert logged == pytest.approx([r["reward/mean"] for r in metrics(straight)], rel=1e-6)
+    assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3]
+    assert "hparams" in {t.split("/")[0] for t in tags["tensors"]}
+
+
+def test_lora_loads_in_plain_diffusers_and_changes_the_output(coca_runs):
+    from diffusion_rl.models import build_tiny_pipeline
+
+    straight, _ = coca_runs
+    base = build_tiny_pipeline(seed=0)
+    base.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0))
+    before = base("a red circle", **kw).images
+    base.load_lora_weights(straight / "lora")
+    kw["generator"] = torch.Generator().manual_seed(0)
+    after = base("a red circle", **kw).images
+    assert not torch.allclose(before, after, atol=1e-6)
+    sd = lora(straight)
+    assert len(sd) == 64 and all(k.startswith("unet.") for k in sd)
+
+
+def test_resume_equals_straight_run(coca_runs):
+    straight, resumed = coca_runs
+    a, b = lora(straight), lora(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    ra, rb = metrics(straight), metrics(resumed)
+    assert [r["epoch"] for r in rb] == [0, 1, 2]
+    for key in ("reward/mean", "reward/std", "loss/policy_loss", "global_step"):
+        assert [r[key] for r in ra] == pytest.approx([r[key] for r in rb], rel=1e-6, abs=1e-9)
+
+
+def test_credit_inspect_prints_the_latest_profile(coca_runs):
+    straight, _ = coca_runs
+    out = drl("credit", "inspect", str(straight), "--json").stdout
+    row = json.loads(out)
+    assert row["epoch"] == 2 and len(row["mean_contribution"]) == 4
+    assert sum(row["mean_contribution"]) == pytest.approx(1.0, abs=1e-5)
+    table = drl("credit", "inspect", str(straight)).stdout
+    assert "contribution" in table and len(table.strip().splitlines()) == 2 + 4
+
+
+def test_sample_command_writes_images_and_grid(coca_runs, tmp_path):
+    straight, _ = coca_runs
+    drl("sample", str(straight), "--prompt", "a red circle", "--prompt", "a dog", "--num", "2", "--out", str(tmp_path))
+    from PIL import Image
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png"]
+    assert Image.open(tmp_path / "grid.png").size == (2 * 16 + 3, 2 * 16 + 3)
+
+
+def test_resume_errors_are_clear(coca_runs, tmp_path):
+    straight, _ = coca_runs
+    empty = drl("train", str(TINY), "--output-dir", str(tmp_path / "empty"), "--resume", "auto", check=False)
+    assert empty.returncode == 2 and "no complete checkpoint" in empty.stderr and "Traceback" not in empty.stderr
+    broken = tmp_path / "checkpoint-000003"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-000003", broken)
+    weights = next(broken.glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated by a crash / full disk
+    bad = drl("train", str(TINY), "--output-dir", str(tmp_path / "x"), "--resume", str(broken), check=False)
+    assert bad.returncode == 2 and "corrupt" in bad.stderr and weights.name in bad.stderr
+    model = drl("train", str(TINY), "--output-dir", str(tmp_path / "y"), "--set", "model.pretrained=/nonexistent/sd", check=False)
+    assert model.returncode == 2 and "/nonexistent/sd" in model.stderr and "Traceback" not in model.stderr
