@@ -58,6 +58,8 @@ class TrainResult:
     weights_dir: Path | None = None
     eval_before: dict | None = None
     eval_after: dict | None = None
+    pipeline: object | None = None  # the StableDiffusionPipeline with the trained UNet, ready to sample
+    process_index: int = 0
 
 
 def _seed(*parts: int) -> int:
@@ -120,6 +122,8 @@ def train(
     T = cfg.sample.num_steps
     k_train = cfg.num_train_timesteps()
     accelerator = Accelerator(
+        # Without CUDA, a multi-process launch (torchrun / accelerate launch --multi_gpu) runs gloo on the CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * k_train,
     )
@@ -210,7 +214,7 @@ def train(
         )
         writer.hparams(cfg, geo)
 
-    result = TrainResult(output_dir=out)
+    result = TrainResult(output_dir=out, process_index=rank)
     eval_reward = _load_eval_reward(cfg, reward_fn)
     if cfg.eval.prompts and start_epoch == 0:
         result.eval_before = _evaluate(cfg, pipe, unet, eval_reward, accelerator)
@@ -431,6 +435,7 @@ def train(
         print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    result.pipeline = pipe
     return result
 
 

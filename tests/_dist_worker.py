@@ -1,0 +1,34 @@
+"""Run by test_distributed.py under `accelerate launch --num_processes 2 --cpu`; writes rank_<i>.json."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import rewards
+from diffusion_rl.config import load_config
+from diffusion_rl.models import trainable_state_dict
+from diffusion_rl.trainer import train
+
+out = Path(sys.argv[1])
+seen = {"prompts": [], "image_hashes": []}
+jpeg = rewards.load("jpeg_compressibility")
+
+
+def recording_reward(images, prompts, metadata):
+    """The JPEG reward, recording what this rank sampled."""
+    seen["prompts"] += list(prompts)
+    seen["image_hashes"] += [hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images]
+    return jpeg(images, prompts, metadata)
+
+
+cfg = load_config(
+    Path(__file__).parents[1] / "configs" / "tiny.yaml",
+    [f"output_dir={out}", "num_epochs=2", "checkpoint.every=0", "logging.image_every=0"],
+)
+result = train(cfg, reward_fn=recording_reward)
+state = trainable_state_dict(result.pipeline.unet, use_lora=True)
+digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+(out / f"rank_{result.process_index}.json").write_text(
+    json.dumps({"params_sha256": digest, "lora_abs_sum": float(sum(v.abs().sum() for v in state.values())), **seen})
+)
