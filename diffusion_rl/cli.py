@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,10 +48,10 @@ def _fail(err: BaseException) -> None:
 
 
 ConfigArg = Annotated[
-    Optional[Path], typer.Argument(help="YAML config (default: the embedded CPU default, configs/default.yaml).")
+    Path | None, typer.Argument(help="YAML config (default: the embedded CPU default, configs/default.yaml).")
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)."),
 ]
 
@@ -69,9 +69,9 @@ def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | N
 def train(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    output_dir: Annotated[Optional[Path], typer.Option(help="Run directory (overrides output_dir).")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Run directory (overrides output_dir).")] = None,
     resume: Annotated[
-        Optional[str], typer.Option(help="'auto' = newest complete checkpoint of the run, or a checkpoint directory.")
+        str | None, typer.Option(help="'auto' = newest complete checkpoint of the run, or a checkpoint directory.")
     ] = None,
 ) -> None:
     """Fine-tune a diffusion model with RL. With no arguments runs the embedded CPU default in minutes."""
@@ -91,8 +91,8 @@ def sample(
     num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 4,
     out: Annotated[Path, typer.Option(help="Output directory for the PNGs and grid.png.")] = Path("samples"),
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: the run's, else 20).")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(help="CFG weight (default: the run's, else 5).")] = None,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the run's, else 20).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG weight (default: the run's, else 5).")] = None,
 ) -> None:
     """Sample images (and a grid PNG) from a model or from a trained run (its LoRA or UNet applied)."""
     try:
@@ -131,7 +131,7 @@ def config_show(
 @credit_app.command("inspect")
 def credit_inspect(
     run_dir: Annotated[Path, typer.Argument(help="A drl run directory.")],
-    epoch: Annotated[Optional[int], typer.Option(help="Epoch to show (default: the latest).")] = None,
+    epoch: Annotated[int | None, typer.Option(help="Epoch to show (default: the latest).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Print the per-step credit profile of the latest (or a given) epoch as a small table."""
@@ -149,7 +149,7 @@ def credit_inspect(
     peak = max(contrib) or 1.0
     typer.echo(f"credit profile, epoch {chosen['epoch']} ({chosen['info']})")
     typer.echo(f"{'step':>4}  {'contribution':>12}  {'|advantage|':>11}")
-    for k, (c, a) in enumerate(zip(contrib, adv)):
+    for k, (c, a) in enumerate(zip(contrib, adv, strict=True)):
         typer.echo(f"{k:>4}  {c:>12.4f}  {a:>11.4f}  {'#' * int(round(20 * max(c, 0) / peak))}")
 
 

@@ -272,11 +272,11 @@ def train(
                 f"reward {reward_fn.name!r}: {n_bad}/{len(valid)} samples unscorable in epoch {epoch}, more than "
                 f"reward.max_unscorable_fraction={cfg.reward.max_unscorable_fraction}"
             )
-        components_all = {}
+        components_all = {  # multi-reward: each component's raw scores over all processes
+            name: accelerator.gather(torch.cat([i["components"][name] for _, i in scored]).float().to(dev)).cpu()
+            for name in scored[0][1].get("components") or {}
+        }
         if component_weights:  # advantage-level combination: normalise each reward, then weight
-            for name in component_weights:
-                comp_local = torch.cat([info["components"][name] for _, info in scored]).float()
-                components_all[name] = accelerator.gather(comp_local.to(dev)).cpu()
             adv = sum(
                 w * trackers[n].update(prompts_all, torch.where(valid, components_all[n], torch.nan))
                 for n, w in component_weights.items()
@@ -384,9 +384,7 @@ def train(
             "perf/samples_per_s": N * world / max(t_trained - t_epoch, 1e-9),
         }
         for name, comp in components_all.items():
-            record[f"reward/{name}"] = float(comp[valid].mean())
-        for name, comp in (scored[0][1].get("components") or {}).items() if not components_all else ():
-            record[f"reward/{name}"] = float(torch.cat([i["components"][name] for _, i in scored]).nanmean())
+            record[f"reward/{name}"] = float(comp[valid].nanmean())
         if cfg.eval.prompts and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.num_epochs:
             ev = _evaluate(cfg, pipe, unet, eval_reward, accelerator)
             record.update({f"eval/{k}": v for k, v in ev.items()})
@@ -503,7 +501,7 @@ def _evaluate(cfg: RunConfig, pipe, unet, reward_fn, accelerator) -> dict:
 def _frac_zero_std(prompts: list[str], values: torch.Tensor) -> float:
     """Share of prompt groups whose rewards are all equal (they carry no learning signal)."""
     groups: dict[str, list[float]] = {}
-    for p, v in zip(prompts, values.tolist()):
+    for p, v in zip(prompts, values.tolist(), strict=True):
         groups.setdefault(p, []).append(v)
     flat = [g for g in groups.values() if len(g) > 1 and max(g) - min(g) < 1e-12]
     return len(flat) / max(len(groups), 1)
