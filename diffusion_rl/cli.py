@@ -108,6 +108,58 @@ def sample(
         _fail(err)
 
 
+@app.command("eval")
+def eval_(
+    model_or_run: Annotated[str, typer.Argument(help="A model (hub id, directory, builtin:...) or a drl run directory.")],
+    reward: Annotated[
+        list[str] | None, typer.Option("--reward", "-r", help="Reward name (repeatable; default: the run's reward).")
+    ] = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="world:eval, world:train, or a .txt/.jsonl file (default: the run's eval prompts).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Evaluation noise seed.")] = 1234,
+    num: Annotated[int, typer.Option("--num", "-n", help="Images per prompt.")] = 1,
+    steps: Annotated[int | None, typer.Option(help="DDIM steps (default: the run's, else 20).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG weight (default: the run's, else 5).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write grid.png (and results.json) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Fixed-seed evaluation on held-out prompts: mean and std per reward, and an image grid."""
+    try:
+        import rewards
+        from diffusion_rl.evaluation import eval_prompts_from, evaluate
+        from diffusion_rl.inference import load_for_inference
+        from diffusion_rl.tb import image_grid
+
+        pipe, defaults = load_for_inference(model_or_run)
+        run_cfg = defaults.get("config")
+        source = prompts or (run_cfg.eval.prompts if run_cfg is not None and run_cfg.eval.prompts else None)
+        if not source:
+            raise rewards.RewardError("no evaluation prompts: pass --prompts world:eval or a prompt file")
+        prompt_list = source if isinstance(source, list) else eval_prompts_from(source)
+        names = reward or ([run_cfg.eval.reward or run_cfg.reward.name] if run_cfg is not None else [])
+        if not names or names == [None]:
+            raise rewards.RewardError("no reward to evaluate: pass --reward NAME (see `drl reward list`)")
+        fns = [rewards.load(n) for n in names]
+        results, images, _ = evaluate(
+            pipe, pipe.unet, prompt_list, fns, seed, num, steps or defaults.get("num_steps", 20),
+            guidance_scale or defaults.get("guidance_scale", 5.0), defaults.get("eta", 1.0),
+        )
+    except _user_errors() as err:
+        _fail(err)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        image_grid(images[:64], nrow=8).save(out / "grid.png")
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    if as_json:
+        typer.echo(json.dumps({"prompts": len(prompt_list), "images": len(images), "seed": seed, "results": results}))
+        return
+    typer.echo(f"{len(images)} images, {len(prompt_list)} prompts, seed {seed}")
+    typer.echo(f"{'reward':<24} {'mean':>10} {'std':>10}")
+    for name, row in results.items():
+        typer.echo(f"{name:<24} {row['mean']:>10.4f} {row['std']:>10.4f}")
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigArg = None,

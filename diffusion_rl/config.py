@@ -201,8 +201,8 @@ class CheckpointConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(0, ge=0)
     """Evaluate every N epochs (0 = only before and after training when num_prompts > 0)."""
-    prompts: list[str] = []
-    """Held-out prompts (empty = none)."""
+    prompts: list[str] | str = []
+    """Held-out prompts: a list, a .txt/.jsonl file, or `world:eval` (the shapes world's eval split); empty = no eval."""
     reward: str | None = None
     """Reward used for evaluation (defaults to the training reward)."""
     seed: int = 1234

@@ -24,7 +24,10 @@ def load_for_inference(model_or_run: str) -> tuple[StableDiffusionPipeline, dict
             pipe.load_lora_weights(run / "lora")
         elif (run / "unet" / "config.json").is_file():
             pipe.unet = UNet2DConditionModel.from_pretrained(run / "unet", torch_dtype=pipe.unet.dtype)
-        defaults = {"num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale}
+        defaults = {
+            "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale, "eta": cfg.sample.eta,
+            "config": cfg,
+        }
         return pipe, defaults
     return load_pipeline(model_or_run), {}
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 import rewards
 from diffusion_rl import checkpoint, credit, grpo, tb
 from diffusion_rl.config import RunConfig, dump_config
+from diffusion_rl.evaluation import eval_prompts_from, evaluate
 from diffusion_rl.models import (
     load_pipeline,
     prepare_trainable_unet,
@@ -41,6 +42,7 @@ from diffusion_rl.models import (
 )
 from diffusion_rl.prompts import PromptSampler, load_prompts
 from diffusion_rl.sampling import Trajectories, recompute_log_prob, sample_trajectories
+from diffusion_rl.tb import image_grid
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -217,7 +219,7 @@ def train(
     result = TrainResult(output_dir=out, process_index=rank)
     eval_reward = _load_eval_reward(cfg, reward_fn)
     if cfg.eval.prompts and start_epoch == 0:
-        result.eval_before = _evaluate(cfg, pipe, unet, eval_reward, accelerator)
+        result.eval_before = _evaluate(cfg, pipe, unet, eval_reward, out if main else None, "before")
         if main:
             writer.scalars("eval", result.eval_before, 0)
             print(f"[drl] eval before training: {eval_reward.name} = {result.eval_before['mean']:.4f}")
@@ -386,7 +388,7 @@ def train(
         for name, comp in components_all.items():
             record[f"reward/{name}"] = float(comp[valid].nanmean())
         if cfg.eval.prompts and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.num_epochs:
-            ev = _evaluate(cfg, pipe, unet, eval_reward, accelerator)
+            ev = _evaluate(cfg, pipe, unet, eval_reward)
             record.update({f"eval/{k}": v for k, v in ev.items()})
         if main:
             writer.epoch(record, epoch + 1)
@@ -421,7 +423,7 @@ def train(
     if scorer:
         scorer.close()
     if cfg.eval.prompts:
-        result.eval_after = _evaluate(cfg, pipe, unet, eval_reward, accelerator)
+        result.eval_after = _evaluate(cfg, pipe, unet, eval_reward, out if main else None, "after")
         if main:
             writer.scalars("eval", result.eval_after, cfg.num_epochs)
             print(f"[drl] eval after training: {eval_reward.name} = {result.eval_after['mean']:.4f}")
@@ -479,23 +481,17 @@ def _reference_log_prob(cfg, pipe, lat, nxt, ts, pe, ne) -> torch.Tensor | None:
     return ref.log_prob[:, None]
 
 
-@torch.no_grad()
-def _evaluate(cfg: RunConfig, pipe, unet, reward_fn, accelerator) -> dict:
-    """Fixed-seed sampling on the eval prompts, independent of the training sampler's randomness."""
-    unet.eval()
-    prompts = [p for p in cfg.eval.prompts for _ in range(cfg.eval.images_per_prompt)]
-    gens = [torch.Generator().manual_seed(_seed(cfg.eval.seed, i)) for i in range(len(prompts))]
-    scores = []
-    bs = cfg.sample.batch_size
-    for i in range(0, len(prompts), bs):
-        traj = sample_trajectories(
-            pipe, unet, prompts[i : i + bs], gens[i : i + bs], cfg.sample.num_steps,
-            cfg.sample.guidance_scale, cfg.sample.eta, cfg.sample.negative_prompt,
-        )
-        s, _ = reward_fn(traj.images.cpu(), prompts[i : i + bs], [{} for _ in prompts[i : i + bs]])
-        scores.append(s)
-    s = torch.cat(scores)
-    return {"mean": float(s.nanmean()), "std": float(s[torch.isfinite(s)].std()) if len(s) > 1 else 0.0}
+def _evaluate(cfg: RunConfig, pipe, unet, reward_fn, out: Path | None = None, tag: str = "") -> dict:
+    """Fixed-seed sampling on the held-out prompts (diffusion_rl.evaluation); optionally saves a grid."""
+    prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
+    results, images, _ = evaluate(
+        pipe, unet, prompts, [reward_fn], cfg.eval.seed, cfg.eval.images_per_prompt, cfg.sample.num_steps,
+        cfg.sample.guidance_scale, cfg.sample.eta, max(cfg.sample.batch_size, 16), cfg.sample.negative_prompt,
+    )
+    if out is not None:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        image_grid(images[:64], nrow=8).save(out / "images" / f"eval_{tag}.png")
+    return results[reward_fn.name]
 
 
 def _frac_zero_std(prompts: list[str], values: torch.Tensor) -> float:
