@@ -55,12 +55,12 @@ class Writer:
         for key, value in values.items():
             self.w.add_scalar(f"{group}/{key}", value, step)
 
-    def credit(self, cres, step: int) -> None:
-        """Per-step profiles as histograms whose buckets are the step indices (k = 0 is pure noise)."""
+    def credit(self, cres, similarities: torch.Tensor, step: int) -> None:
+        """Per-step profiles as histograms whose buckets are the step indices (k = 0 is pure noise):
+        mean contribution and |advantage| per step, and the similarity curve s_0..s_T of sample 0."""
         self._profile("credit/contribution_by_step", cres.contributions.mean(0), step)
         self._profile("credit/abs_advantage_by_step", cres.step_advantages.abs().mean(0), step)
-        if "similarities" in cres.info and torch.is_tensor(cres.info["similarities"]):
-            self._profile("credit/similarity_curve_sample0", cres.info["similarities"][0], step)
+        self._profile("credit/similarity_curve_sample0", similarities[0], step)
 
     def _profile(self, tag: str, values: torch.Tensor, step: int) -> None:
         v = values.detach().float().cpu().numpy()

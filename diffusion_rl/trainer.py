@@ -392,7 +392,7 @@ def train(
             record.update({f"eval/{k}": v for k, v in ev.items()})
         if main:
             writer.epoch(record, epoch + 1)
-            writer.credit(cres, epoch + 1)
+            writer.credit(cres, ctx.similarities, epoch + 1)
             if cfg.logging.image_every and (epoch + 1) % cfg.logging.image_every == 0:
                 writer.images(samples.images[: cfg.logging.num_images], prompts_local, out / "images", epoch + 1)
             with open(out / "metrics.jsonl", "a") as f:

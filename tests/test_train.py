@@ -185,7 +185,11 @@ def test_tensorboard_event_file_holds_grouped_tags_and_logged_values(coca_runs):
                 "perf/epoch_s", "perf/samples_per_s", "credit/share_first", "credit/share_last"):
         assert tag in tags["scalars"], tag
     assert "samples/grid" in tags["images"]
-    assert {"credit/contribution_by_step", "credit/abs_advantage_by_step"} <= set(tags["histograms"])
+    assert {"credit/contribution_by_step", "credit/abs_advantage_by_step", "credit/similarity_curve_sample0"} <= set(
+        tags["histograms"]
+    )
+    contrib = acc.Histograms("credit/contribution_by_step")[-1].histogram_value
+    assert sum(contrib.bucket) == pytest.approx(1.0, abs=1e-5)  # mean contributions over 4 steps sum to 1
     logged = [e.value for e in acc.Scalars("reward/mean")]
     assert logged == pytest.approx([r["reward/mean"] for r in metrics(straight)], rel=1e-6)
     assert [e.step for e in acc.Scalars("reward/mean")] == [1, 2, 3]
@@ -251,3 +255,30 @@ def test_resume_errors_are_clear(coca_runs, tmp_path):
     assert bad.returncode == 2 and "corrupt" in bad.stderr and weights.name in bad.stderr
     model = drl("train", str(TINY), "--output-dir", str(tmp_path / "y"), "--set", "model.pretrained=/nonexistent/sd", check=False)
     assert model.returncode == 2 and "/nonexistent/sd" in model.stderr and "Traceback" not in model.stderr
+
+
+def test_multi_reward_components_logged_and_combined_per_advantage(tmp_path):
+    cfg = _tiny(
+        tmp_path, "reward.name=null", "reward.combine=advantage",
+        "reward.components=[{name: jpeg_compressibility, weight: 1.0}, {name: jpeg_incompressibility, weight: 0.5}]",
+    )
+    rec = train(cfg).history[0]
+    assert rec["reward/jpeg_compressibility"] == pytest.approx(-rec["reward/jpeg_incompressibility"])
+    # the combined scalar is the weighted sum 1 * (-kB) + 0.5 * (+kB) = -0.5 kB
+    assert rec["reward/mean"] == pytest.approx(0.5 * rec["reward/jpeg_compressibility"], rel=1e-5)
+
+
+def test_eval_command_reports_each_reward(coca_runs, tmp_path):
+    straight, _ = coca_runs
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na dog\n")
+    out = drl("eval", str(straight), "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+              "--reward", "jpeg_incompressibility", "--num", "2", "--json", "--out", str(tmp_path / "ev")).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["images"] == 4 and res["seed"] == 1234
+    r = res["results"]
+    assert r["jpeg_compressibility"]["mean"] == pytest.approx(-r["jpeg_incompressibility"]["mean"])
+    again = json.loads(drl("eval", str(straight), "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+                           "--num", "2", "--json").stdout.strip().splitlines()[-1])
+    assert again["results"]["jpeg_compressibility"] == r["jpeg_compressibility"]  # fixed seed: identical
+    assert (tmp_path / "ev" / "grid.png").is_file() and (tmp_path / "ev" / "results.json").is_file()
