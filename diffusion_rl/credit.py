@@ -207,7 +207,17 @@ def _zero_invalid(step_adv: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid.to(step_adv.device)[:, None], step_adv, torch.zeros((), dtype=step_adv.dtype))
 
 
-class SparseCredit:
+class _Stateless:
+    """Credit assigners without buffers: nothing to checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SparseCredit(_Stateless):
     """DDPO's credit: R[n, k] = A_n at every step (c_k = 1/T reported as contributions)."""
 
     name = "sparse"
@@ -219,14 +229,8 @@ class SparseCredit:
         contrib = torch.full((N, T), 1.0 / T, dtype=torch.float32, device=adv.device)
         return CreditResult(step_adv, contrib, {"credit": self.name})
 
-    def state_dict(self) -> dict:
-        return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class UniformCredit:
+class UniformCredit(_Stateless):
     """UCA by TRUE step index: c_k = 1/T, R[n, k] = A_n · C_{>=k} = A_n · (T - k)/T.
 
     Early steps get the full advantage, the last step A_n / T. Indexing happens here, before the
@@ -244,12 +248,6 @@ class UniformCredit:
         step_adv = _zero_invalid(adv[:, None] * to_go[None, :], ctx.valid)  # [N, T]
         contrib = torch.full((N, T), 1.0 / T, dtype=torch.float32, device=adv.device)
         return CreditResult(step_adv, contrib, {"credit": self.name})
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def _pop_mean_std(x: Tensor) -> tuple[float, float]:

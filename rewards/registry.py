@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rewards.base import RewardError, RewardFn
+from rewards.base import CallableReward, RewardError, RewardFn
 
 
 class _Lazy:
@@ -176,11 +176,7 @@ class _ForeignReward(RewardFn):
         self.differentiable = bool(getattr(fn, "differentiable", False)) and hasattr(fn, "score_tensor")
         self._fn = fn
 
-    def _score(self, images, prompts, metadata):
-        out = self._fn(images, prompts, metadata)
-        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
-            return out
-        return out, {}
+    _score = CallableReward._score
 
     def score_tensor(self, images, prompts=None):
         if not self.differentiable:
