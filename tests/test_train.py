@@ -282,3 +282,12 @@ def test_eval_command_reports_each_reward(coca_runs, tmp_path):
                            "--num", "2", "--json").stdout.strip().splitlines()[-1])
     assert again["results"]["jpeg_compressibility"] == r["jpeg_compressibility"]  # fixed seed: identical
     assert (tmp_path / "ev" / "grid.png").is_file() and (tmp_path / "ev" / "results.json").is_file()
+
+
+def test_bf16_weights_and_mixed_precision_keep_trainable_params_fp32(tmp_path):
+    res = train(_tiny(tmp_path, "model.dtype=bfloat16", "train.mixed_precision=bf16"))
+    unet = res.pipeline.unet
+    assert {p.dtype for p in unet.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
+    rec = res.history[0]
+    assert rec["global_step"] == 2 and all(torch.isfinite(torch.tensor(rec[k])) for k in ("loss/policy_loss", "loss/approx_kl"))
