@@ -1,0 +1,70 @@
+"""Model loading (local directory, built-ins, errors), attention backend, trained-weight saving."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffusion_rl.models import (
+    ModelLoadError,
+    build_tiny_pipeline,
+    load_pipeline,
+    prepare_trainable_unet,
+    save_trained_weights,
+    set_attention_backend,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_pipeline(seed=3).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_local_directory_loads_through_from_pretrained_offline(saved_tiny):
+    pipe = load_pipeline(str(saved_tiny), dtype="bfloat16", local_files_only=True)
+    ref = build_tiny_pipeline(seed=3)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.unet.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), ref.unet.state_dict().items(), strict=True):
+        torch.testing.assert_close(a.float(), b.to(torch.bfloat16).float(), msg=name)
+
+
+def test_builtin_tiny_random_is_deterministic():
+    a, b = load_pipeline("builtin:tiny-random", seed=5), load_pipeline("builtin:tiny-random", seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters(), strict=True))
+    assert not torch.equal(next(load_pipeline("builtin:tiny-random", seed=6).unet.parameters()), next(a.unet.parameters()))
+
+
+def test_missing_or_wrong_model_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="could not load a Stable Diffusion pipeline from 'no-such-org/no-such-model'"):
+        load_pipeline("no-such-org/no-such-model", local_files_only=True)
+    with pytest.raises(ModelLoadError, match="unknown built-in model 'builtin:nope'"):
+        load_pipeline("builtin:nope")
+
+
+def test_xformers_where_it_cannot_run_is_a_clear_error():
+    unet = build_tiny_pipeline().unet
+    if torch.cuda.is_available():
+        pytest.skip("this machine could run xformers")
+    with pytest.raises(ModelLoadError, match="xformers cannot run here: .*Use model.attention=sdpa"):
+        set_attention_backend(unet, "xformers")
+    set_attention_backend(unet, "sdpa")  # the default needs nothing
+
+
+def test_lora_targets_and_full_finetune_saving(tmp_path):
+    pipe = build_tiny_pipeline()
+    with pytest.raises(ModelLoadError, match="matched no UNet module"):
+        prepare_trainable_unet(pipe, True, 4, 4.0, ["no_such_layer"])
+    pipe = build_tiny_pipeline()
+    params = prepare_trainable_unet(pipe, False, 4, 4.0, [])
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in pipe.unet.parameters())
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+    with torch.no_grad():
+        params[0].add_(1.0)
+    out = save_trained_weights(pipe.unet, False, tmp_path)
+    assert (out / "diffusion_pytorch_model.safetensors").is_file()
+    reloaded = UNet2DConditionModel.from_pretrained(out)
+    assert torch.equal(next(reloaded.parameters()), params[0].detach())
