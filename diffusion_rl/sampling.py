@@ -63,15 +63,12 @@ def guided_noise(
 def encode_prompts(
     pipe: StableDiffusionPipeline, prompts: list[str], negative_prompt: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt and negative-prompt embeddings, computed once per batch."""
-    pos, neg = pipe.encode_prompt(
-        prompts,
-        pipe.text_encoder.device,
-        1,
-        True,
-        negative_prompt=[negative_prompt] * len(prompts),
-    )
-    return pos, neg
+    """Prompt embeddings [B, L, D] and the negative prompt's, computed once per batch (the negative
+    prompt is one sequence, expanded over the batch)."""
+    device = pipe.text_encoder.device
+    pos, _ = pipe.encode_prompt(prompts, device, 1, False)
+    neg, _ = pipe.encode_prompt([negative_prompt], device, 1, False)
+    return pos, neg.expand(len(prompts), -1, -1)
 
 
 @torch.no_grad()
