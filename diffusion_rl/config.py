@@ -74,8 +74,9 @@ class SampleConfig(_Section):
 
 
 class PromptsConfig(_Section):
-    source: Literal["list", "file", "dataset"] = "list"
-    """Where prompts come from: the `prompts` list, a text/JSONL `path`, or a `datasets` dataset."""
+    source: Literal["list", "file", "dataset", "world"] = "list"
+    """Where prompts come from: the `prompts` list, a text/JSONL `path`, a `datasets` dataset, or the embedded
+    shapes world's `split` (train or eval)."""
     prompts: list[str] = ["a photo of a cat", "a photo of a dog", "a red apple", "a blue car"]
     """Prompts used when source = list."""
     path: str | None = None
@@ -83,7 +84,7 @@ class PromptsConfig(_Section):
     dataset: str | None = None
     """`datasets` hub id or local path (a saved dataset or a data file) when source = dataset."""
     split: str = "train"
-    """Dataset split."""
+    """Dataset split (for source = world: train or eval)."""
     column: str = "prompt"
     """Dataset column holding the prompt text."""
 

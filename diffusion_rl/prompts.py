@@ -30,6 +30,13 @@ def load_prompts(cfg: PromptsConfig) -> PromptSet:
         return PromptSet(list(cfg.prompts), [{} for _ in cfg.prompts])
     if cfg.source == "file":
         return _from_file(Path(cfg.path))
+    if cfg.source == "world":
+        from diffusion_rl.world import split_prompts
+
+        if cfg.split not in ("train", "eval"):
+            raise PromptError(f"prompts.split={cfg.split!r} for source=world; use train or eval")
+        prompts = split_prompts()[0 if cfg.split == "train" else 1]
+        return PromptSet(list(prompts), [{} for _ in prompts])
     return _from_dataset(cfg.dataset, cfg.split, cfg.column)
 
 
