@@ -169,7 +169,7 @@ def load_pipeline(
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load a Stable Diffusion pipeline from {pretrained!r} (revision={revision}): {err}\n"
             "Pass a local directory containing model_index.json, a reachable hub id, or builtin:tiny-random."
