@@ -4,10 +4,11 @@ The reward reads a prompt's text and an image and checks, attribute by attribute
 shows what the prompt asks for:
 
     count prompt     "three green triangles"                     -> colour, shape, count
-    relation prompt  "a red circle left of a blue triangle"      -> colour1, shape1, colour2, shape2,
-                                                                    count (exactly two objects), relation
+    relation prompt  "a red circle left of a blue triangle"      -> colour1, shape1, colour2, shape2, relation
 
 ``partial`` is the mean attribute accuracy of a sample, ``strict`` is 1 when every attribute is right.
+As in GenEval's position task, objects beyond the two named ones are not penalised in relation prompts;
+the two named objects are the largest one of each named colour.
 A prompt the grammar does not cover is unscorable: its score is NaN, never 0.
 
 Reading an image (any size; resized to 32x32 with a box filter first):
@@ -194,7 +195,6 @@ def check(query: Query, blobs: list[Blob]) -> dict[str, tuple[str, bool]]:
         "shape1": ("shape", a is not None and a.shape == query.shape1),
         "colour2": ("colour", b is not None),
         "shape2": ("shape", b is not None and b.shape == query.shape2),
-        "count": ("count", len(blobs) == 2),
         "relation": ("relation", a is not None and b is not None and relation_holds(a, b, query.relation)),
     }
 
