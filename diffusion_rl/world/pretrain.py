@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.init_from:  # continue from a saved pipeline: keep its VAE and latent scale, train on
         start = StableDiffusionPipeline.from_pretrained(args.init_from)
-        tokenizer, vae, text_encoder, unet = start.tokenizer, start.vae, start.text_encoder, start.unet
+        tokenizer, vae, text_encoder, unet = build_tokenizer(), start.vae, start.text_encoder, start.unet
         vae.eval().requires_grad_(False)
         del start
     else:
