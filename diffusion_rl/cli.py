@@ -56,9 +56,17 @@ SetOpt = Annotated[
 ]
 
 
-def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | None = None):
-    from diffusion_rl.config import load_config
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
+
+def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | None = None):
+    """CONFIG, or configs/default.yaml (the embedded CPU default) when none is given."""
+    from diffusion_rl.config import ConfigError, load_config
+
+    if config is None:
+        if not DEFAULT_CONFIG.is_file():
+            raise ConfigError([f"no CONFIG given and the default {DEFAULT_CONFIG} is missing; pass a YAML config"])
+        config = DEFAULT_CONFIG
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")

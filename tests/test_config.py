@@ -34,10 +34,17 @@ def test_shipped_configs_exist():
     assert {"default.yaml", "tiny.yaml"} <= names
 
 
-def test_default_yaml_equals_builtin_defaults():
-    """`drl train` with no CONFIG uses the built-in defaults; configs/default.yaml must say the same."""
-    from_file = yaml.safe_load((Path(__file__).parents[1] / "configs" / "default.yaml").read_text())
-    assert from_file == RunConfig().model_dump(mode="json")
+def test_no_config_means_configs_default_yaml():
+    """`drl train` with no CONFIG runs configs/default.yaml: the shipped tiny model, alignment reward, CoCA."""
+    from diffusion_rl.cli import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG == Path(__file__).parents[1] / "configs" / "default.yaml"
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.model.pretrained == "builtin:tiny-shapes"
+    assert cfg.reward.name == "shapes_alignment" and cfg.credit.kind == "coca"
+    assert cfg.eval.prompts == "world:eval" and cfg.prompts.source == "world"
+    shown = runner.invoke(app, ["config", "show"])
+    assert yaml.safe_load(shown.output) == cfg.model_dump(mode="json")
 
 
 def test_every_field_is_documented():

@@ -1,0 +1,28 @@
+"""A short version of the out-of-the-box run: `drl train` with the default config, two epochs."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).parents[1]
+
+
+def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion_rl.cli", "train", "--output-dir", str(tmp_path),
+         "--set", "num_epochs=2", "--set", "sample.num_batches_per_epoch=1", "--set", "eval.every=0"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    before = float(re.search(r"eval before training: shapes_alignment = ([0-9.]+)", out).group(1))
+    after = float(re.search(r"eval after training: shapes_alignment = ([0-9.]+)", out).group(1))
+    assert 0.2 < before < 0.9 and 0.0 <= after <= 1.0  # the shipped model is clearly above an empty image
+    assert f"run directory: {tmp_path}" in out and "TensorBoard: tensorboard --logdir" in out
+    assert {p.name for p in (tmp_path / "images").iterdir()} >= {"eval_before.png", "eval_after.png"}
+    assert any((tmp_path / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
