@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -123,6 +124,9 @@ def train(
     out = Path(cfg.output_dir)
     T = cfg.sample.num_steps
     k_train = cfg.num_train_timesteps()
+    # accelerate keeps one process-wide state; each train() call configures it afresh (sweeps in one
+    # process may change mixed precision), keeping the distributed process group (PartialState).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # Without CUDA, a multi-process launch (torchrun / accelerate launch --multi_gpu) runs gloo on the CPU.
         cpu=not torch.cuda.is_available(),
