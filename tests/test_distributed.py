@@ -18,11 +18,13 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_cpu_processes_share_weights_but_not_samples(tmp_path):
     worker = Path(__file__).parent / "_dist_worker.py"
-    # torch's elastic launcher (what `accelerate launch --multi_gpu` uses); without CUDA the trainer's
-    # Accelerator runs the ranks on the CPU with the gloo backend.
+    # `accelerate launch --multi_gpu` starts the ranks with torch's elastic launcher; without CUDA the
+    # trainer's Accelerator runs them on the CPU with the gloo backend. (`accelerate launch --cpu` only
+    # starts several processes through mpirun.)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), str(worker), str(tmp_path),
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(worker), str(tmp_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
