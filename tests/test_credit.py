@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _numeric import NAN, close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,17 +29,6 @@ from diffusion_rl.credit import (
     select_steps,
     trajectory_similarities,
 )
-
-NAN = float("nan")
-
-
-def close(actual, expected, atol=1e-6):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
 
 
 def make_ctx(adv, sims, prompts=None, valid=None) -> CreditContext:

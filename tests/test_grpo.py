@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _numeric import NAN, close
 
 from diffusion_rl.grpo import (
     ADV_EPS,
@@ -20,18 +21,6 @@ from diffusion_rl.grpo import (
     group_advantages,
     policy_loss,
 )
-
-NAN = float("nan")
-
-
-def close(actual, expected, atol=1e-6):
-    torch.testing.assert_close(
-        torch.as_tensor(actual, dtype=torch.float64),
-        torch.as_tensor(expected, dtype=torch.float64),
-        atol=atol,
-        rtol=0,
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # Per-prompt stat tracker
