@@ -27,7 +27,7 @@ Outputs in `--out` (default docs/credit_efficiency):
     meta.json, config.yaml   the settings and the resolved config of the first run
 
 The untrained model is the base model in every run (LoRA's up-projection starts at zero), and evaluation noise
-comes from `eval.seed` only, so "eval before training" is computed once and reused (see _EvalBeforeCache).
+comes from `eval.seed` only, so "eval before training" is computed once and reused (see eval_before_key).
 Torch runs with `--threads` intra-op threads (default 1: on a shared CPU more threads oversubscribe the cores).
 
 Sample efficiency: the seed-mean eval curve of a method is linearly interpolated between eval points; the first
@@ -137,15 +137,19 @@ def rows_from_history(method: str, seed: int, history: list[dict], eval_before: 
     return rows
 
 
-def run_one(cfg, method: str, seed: int) -> list[dict]:
-    """Train one run; return its CSV rows (epoch 0 = eval before training, then one row per epoch)."""
+def run_one(cfg, method: str, seed: int, eval_before_cache: dict | None = None) -> list[dict]:
+    """Train one run; return its CSV rows (epoch 0 = eval before training, then one row per epoch).
+    `eval_before_cache` (eval_before_key -> result) is read and filled so equal settings evaluate the base once."""
     from diffusion_rl.trainer import train
 
     out = Path(cfg.output_dir)
     if (out / "metrics.jsonl").exists():  # a stale run directory would be appended to
         (out / "metrics.jsonl").unlink()
     t0 = time.perf_counter()
-    result = train(cfg)
+    cache = {} if eval_before_cache is None else eval_before_cache
+    key = eval_before_key(cfg)
+    result = train(cfg, eval_before=cache.get(key))
+    cache.setdefault(key, result.eval_before)
     total_s = time.perf_counter() - t0
     rows = rows_from_history(method, seed, result.history, result.eval_before, result.eval_after,
                              queries_per_epoch(cfg), cfg.num_epochs)
@@ -461,39 +465,17 @@ def run_benchmark(
         torch.set_num_threads(previous_threads)
 
 
-class _EvalBeforeCache:
-    """Evaluate the untrained model once and reuse the result in every run.
+def eval_before_key(cfg) -> str:
+    """What the untrained model's fixed-seed eval depends on: the model, the eval and the sampling settings.
 
-    Before training every run's model IS the base model (LoRA's up-projection starts at zero; a full fine-tune starts
-    from the base weights), and evaluation noise comes only from `eval.seed`, so the trainer's "eval before
-    training" is the same number in all runs of the benchmark (the unit test checks it). Keyed by the model, eval
-    and sampling settings; it wraps diffusion_rl.trainer._evaluate for the duration of the benchmark only.
-    """
-
-    def __init__(self):
-        self.cache: dict[str, dict] = {}
-
-    def __enter__(self):
-        import diffusion_rl.trainer as trainer
-
-        self.trainer, self.original = trainer, trainer._evaluate
-
-        def evaluate(cfg, pipe, unet, reward_fn, out=None, tag=""):
-            if tag != "before":
-                return self.original(cfg, pipe, unet, reward_fn, out, tag)
-            s = cfg.sample
-            key = json.dumps([cfg.model.model_dump(mode="json"), cfg.eval.model_dump(mode="json", exclude={"every"}),
-                              s.num_steps, s.guidance_scale, s.eta, s.batch_size, s.negative_prompt, reward_fn.name],
-                             sort_keys=True)
-            if key not in self.cache:
-                self.cache[key] = self.original(cfg, pipe, unet, reward_fn, out, tag)
-            return dict(self.cache[key])
-
-        trainer._evaluate = evaluate
-        return self
-
-    def __exit__(self, *exc):
-        self.trainer._evaluate = self.original
+    Before training every run's model IS the base model (LoRA's up-projection starts at zero; a full fine-tune
+    starts from the base weights), and evaluation noise comes only from `eval.seed`, so runs that share this key
+    share their "eval before training" (the unit test checks the premise); it is computed once and passed to
+    `train(eval_before=...)`."""
+    s = cfg.sample
+    return json.dumps([cfg.model.model_dump(mode="json"), cfg.eval.model_dump(mode="json", exclude={"every"}),
+                       s.num_steps, s.guidance_scale, s.eta, s.batch_size, s.negative_prompt, cfg.reward.model_dump(mode="json")],
+                      sort_keys=True)
 
 
 def _run_all(config, methods, seeds, epochs, eval_every, out, runs_dir, sets, select_fraction, reuse) -> list[dict]:
@@ -518,13 +500,13 @@ def _run_all(config, methods, seeds, epochs, eval_every, out, runs_dir, sets, se
         + dump_config(cfgs[methods[0], seeds[0]])
     )
     rows: list[dict] = []
-    with _EvalBeforeCache():
-        for i, s in enumerate(seeds):
-            rows += _run_seed(i, s, methods, cfgs, reuse, select_fraction, rows, out, meta)
+    eval_before_cache: dict[str, dict] = {}
+    for i, s in enumerate(seeds):
+        rows += _run_seed(i, s, methods, cfgs, reuse, select_fraction, rows, out, meta, eval_before_cache)
     return rows
 
 
-def _run_seed(i, s, methods, cfgs, reuse, select_fraction, done, out, meta) -> list[dict]:
+def _run_seed(i, s, methods, cfgs, reuse, select_fraction, done, out, meta, eval_before_cache) -> list[dict]:
     """One seed's runs; the method order rotates with the seed index so load drifts hit all methods alike."""
     rows: list[dict] = []
     for m in methods[i % len(methods):] + methods[: i % len(methods)]:
@@ -536,7 +518,7 @@ def _run_seed(i, s, methods, cfgs, reuse, select_fraction, done, out, meta) -> l
         else:
             t0 = time.perf_counter()
             print(f"[bench] {m} seed {s}: {' '.join(method_overrides(m, select_fraction))}", flush=True)
-            run_rows = run_one(cfg, m, s)
+            run_rows = run_one(cfg, m, s, eval_before_cache)
             print(f"[bench] {m} seed {s}: done in {time.perf_counter() - t0:.0f} s, final eval "
                   f"{run_rows[-1]['eval_mean']:.4f}, train wall {run_rows[-1]['wall_s']:.0f} s", flush=True)
         rows += run_rows

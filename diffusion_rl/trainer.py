@@ -118,9 +118,13 @@ def train(
     reward_fn: Callable | None = None,
     credit_fn: Callable | None = None,
     resume: str | None = None,
+    eval_before: dict | None = None,
 ) -> TrainResult:
     """Run `cfg`. `reward_fn(images, prompts, metadata) -> (scores, info)` and `credit_fn(ctx) -> [N, T]`
-    override the configured reward and credit assigner (the Python API for reward-shaping experiments)."""
+    override the configured reward and credit assigner (the Python API for reward-shaping experiments).
+    `eval_before` is a result of the before-training evaluation that is already known (for instance from an
+    earlier run of a sweep with the same model, eval and sampling settings: the untrained model is the base
+    model whatever the seed); it is logged as given, and no before-grid is drawn."""
     out = Path(cfg.output_dir)
     T = cfg.sample.num_steps
     k_train = cfg.num_train_timesteps()
@@ -223,7 +227,10 @@ def train(
     result = TrainResult(output_dir=out, process_index=rank)
     eval_reward = _load_eval_reward(cfg, reward_fn)
     if cfg.eval.prompts and start_epoch == 0:
-        result.eval_before = _evaluate(cfg, pipe, unet, eval_reward, out if main else None, "before")
+        result.eval_before = (
+            dict(eval_before) if eval_before is not None
+            else _evaluate(cfg, pipe, unet, eval_reward, out if main else None, "before")
+        )
         if main:
             writer.scalars("eval", result.eval_before, 0)
             print(f"[drl] eval before training: {eval_reward.name} = {result.eval_before['mean']:.4f}")

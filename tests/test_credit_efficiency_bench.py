@@ -41,8 +41,11 @@ def test_runs_csv_table_and_plot(bench, tmp_path):
         assert [int(r["reward_queries"]) for r in mine] == [0, 2, 4]  # 2 queries per epoch
         assert all(math.isfinite(float(r["eval_mean"])) for r in mine)
         assert float(mine[-1]["wall_s"]) > 0
-    # same seed, same model, same eval seed: identical eval before training
+    # same seed, same model, same eval seed: identical eval before training, computed by the first run only
+    # (the second gets it through train(eval_before=...) and draws no before-grid)
     assert len({r["eval_mean"] for r in got if r["epoch"] == "0"}) == 1
+    drew_before = {d.name for d in (tmp_path / "runs").iterdir() if (d / "images" / "eval_before.png").exists()}
+    assert drew_before == {"sparse_s0"}
 
     table = (out / "table.md").read_text()
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
