@@ -20,6 +20,24 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
     return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+def side_by_side(panels: list[tuple[str, Image.Image]], scale: int = 2) -> Image.Image:
+    """Label each image above it and lay them out left to right, upscaled `scale`x with nearest-neighbour (so
+    tiny 32x32 samples stay crisp): the before/after comparison of a run."""
+    from PIL import ImageDraw
+
+    panels = [(label, im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST))
+              for label, im in panels]
+    header, gap = 18, 12
+    width = sum(im.width for _, im in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, header + max(im.height for _, im in panels)), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for label, im in panels:
+        draw.text((x + 2, 3), label, fill="black")
+        canvas.paste(im, (x, header))
+        x += im.width + gap
+    return canvas
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

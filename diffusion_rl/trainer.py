@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 
 import rewards
@@ -43,7 +44,7 @@ from diffusion_rl.models import (
 )
 from diffusion_rl.prompts import PromptSampler, load_prompts
 from diffusion_rl.sampling import Trajectories, recompute_log_prob, sample_trajectories
-from diffusion_rl.tb import image_grid
+from diffusion_rl.tb import image_grid, side_by_side
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -438,6 +439,8 @@ def train(
         if main:
             writer.scalars("eval", result.eval_after, cfg.num_epochs)
             print(f"[drl] eval after training: {eval_reward.name} = {result.eval_after['mean']:.4f}")
+            if result.eval_before is not None and (out / "images" / "eval_before.png").exists():
+                _before_after_figure(out, eval_reward.name, result.eval_before, result.eval_after)
     accelerator.wait_for_everyone()
     if main:
         raw = accelerator.unwrap_model(unet)
@@ -503,6 +506,14 @@ def _evaluate(cfg: RunConfig, pipe, unet, reward_fn, out: Path | None = None, ta
         (out / "images").mkdir(parents=True, exist_ok=True)
         image_grid(images[:64], nrow=8).save(out / "images" / f"eval_{tag}.png")
     return results[reward_fn.name]
+
+
+def _before_after_figure(out: Path, reward_name: str, before: dict, after: dict) -> None:
+    """images/eval_before_after.png: the two eval grids (same prompts, same seeds) side by side, scores on top."""
+    panels = [(f"{tag}: {reward_name} {ev['mean']:.3f}", Image.open(out / "images" / f"eval_{tag}.png"))
+              for tag, ev in (("before", before), ("after", after))]
+    side_by_side(panels).save(out / "images" / "eval_before_after.png")
+    print(f"[drl] before/after eval images: {out / 'images' / 'eval_before_after.png'}")
 
 
 def _frac_zero_std(prompts: list[str], values: torch.Tensor) -> float:

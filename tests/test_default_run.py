@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 REPO = Path(__file__).parents[1]
 
 
@@ -22,7 +25,16 @@ def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
     after = float(re.search(r"eval after training: shapes_alignment = ([0-9.]+)", out).group(1))
     assert 0.2 < before < 0.9 and 0.0 <= after <= 1.0  # the shipped model is clearly above an empty image
     assert f"run directory: {tmp_path}" in out and "TensorBoard: tensorboard --logdir" in out
-    assert {p.name for p in (tmp_path / "images").iterdir()} >= {"eval_before.png", "eval_after.png"}
+    images = tmp_path / "images"
+    assert {p.name for p in images.iterdir()} >= {"eval_before.png", "eval_after.png", "eval_before_after.png"}
+    # the side-by-side figure holds the two grids pixel for pixel (2x nearest upscale) under an 18 px caption row
+    grids = [np.asarray(Image.open(images / f"eval_{t}.png").convert("RGB")) for t in ("before", "after")]
+    both = np.asarray(Image.open(images / "eval_before_after.png").convert("RGB"))
+    h, w = (2 * n for n in grids[0].shape[:2])
+    assert both.shape == (18 + h, 2 * w + 12, 3)
+    for i, grid in enumerate(grids):
+        x = i * (w + 12)
+        assert np.array_equal(both[18:, x : x + w], grid.repeat(2, 0).repeat(2, 1))
     assert any((tmp_path / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
