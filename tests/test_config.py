@@ -82,6 +82,7 @@ def test_all_problems_reported_at_once_with_paths_values_and_fixes():
         (["train.batch_size=3"], "must be divisible by train.batch_size x train.gradient_accumulation_steps"),
         (["train.timestep_fraction=0.5"], "timestep_selection=all trains every step"),
         (["train.timestep_fraction=0.05", "train.timestep_selection=random"], "trains no step"),
+        (["train.skip_final_steps=10"], "train.skip_final_steps (10) leaves none of the sample.num_steps (10) steps"),
         (["train.kl_coef=0.1", "model.use_lora=false"], "needs model.use_lora=true"),
         (["reward.name=null"], "set reward.name"),
         (["prompts.source=file"], "needs prompts.path"),

@@ -123,6 +123,24 @@ def test_overlapped_reward_scoring_equals_synchronous(tmp_path):
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
 
 
+def test_skipped_final_steps_are_never_trained(tmp_path):
+    """All credit on the final step: with train.skip_final_steps=1 nothing is trained (the LoRA up-projections stay
+    exactly zero); without it the same run moves them."""
+    def final_step_only(ctx):
+        a = torch.zeros(len(ctx.advantages), ctx.num_steps)
+        a[:, -1] = ctx.advantages
+        return a
+
+    ups = {}
+    for skip in (0, 1):
+        result = train(_tiny(tmp_path / f"skip{skip}", f"train.skip_final_steps={skip}"), credit_fn=final_step_only)
+        assert result.history[0]["credit/steps_trained_per_trajectory"] == 4 - skip
+        ups[skip] = [v for k, v in lora(tmp_path / f"skip{skip}").items() if "lora_B" in k or "lora.up" in k]
+        assert ups[skip]
+    assert all(torch.count_nonzero(v) == 0 for v in ups[1])
+    assert any(torch.count_nonzero(v) > 0 for v in ups[0])
+
+
 def test_unscorable_rewards_are_masked_counted_or_an_error(tmp_path):
     jpeg = rewards.load("jpeg_compressibility")
 

@@ -161,7 +161,7 @@ def test_pretrain_cli_help(capsys):
 # the shipped model
 
 # measured on the 64 eval prompts at the end of training: see docs/tiny_world.md
-SHIPPED_MIN_PARTIAL = 0.40  # chance (other prompts) is ~0.25
+SHIPPED_MIN_PARTIAL = 0.60  # measured 0.694 on these 32 prompts; chance (other prompts) is ~0.25-0.30
 
 
 def test_shipped_model_loads_is_small_and_follows_prompts():
