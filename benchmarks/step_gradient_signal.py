@@ -35,7 +35,7 @@ def step_signal(pipe, prompt: str, samples: int, seed: int, steps: int = 10, gui
                 eta: float = 1.0) -> dict[str, list[float]]:
     """Per-step gradient norms and cosines with the pathwise reference (see the module docstring)."""
     unet, sched = pipe.unet, pipe.scheduler
-    params = [p for p in unet.parameters()]
+    params = list(unet.parameters())
     for p in params:
         p.requires_grad_(True)
     sched.set_timesteps(steps)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchvision.utils import make_grid
@@ -23,8 +23,6 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> Image.Image:
 def side_by_side(panels: list[tuple[str, Image.Image]], scale: int = 2) -> Image.Image:
     """Label each image above it and lay them out left to right, upscaled `scale`x with nearest-neighbour (so
     tiny 32x32 samples stay crisp): the before/after comparison of a run."""
-    from PIL import ImageDraw
-
     panels = [(label, im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST))
               for label, im in panels]
     header, gap = 18, 12

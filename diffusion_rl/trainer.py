@@ -314,10 +314,10 @@ def train(
         unet.train()
         sums: dict[str, float] = {}
         n_micro = 0
+        # the trainable steps are the first T - skip_final_steps; training_view keeps true step indices
+        trainable_adv = step_adv[:, : T - cfg.train.skip_final_steps]  # [N, T - skip]
         for inner in range(cfg.train.num_inner_epochs):
             g = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1_000_000 + inner))
-            # the trainable steps are the first T - skip_final_steps; training_view keeps true step indices
-            trainable_adv = step_adv[:, : T - cfg.train.skip_final_steps]  # [N, T - skip]
             view = training_view(samples, trainable_adv, k_train, cfg.train.timestep_selection, g)
             lat, nxt, ts, old_lp, a = view["latents"], view["next_latents"], view["timesteps"], view["log_probs"], view["advantages"]
             pe, ne = view["prompt_embeds"], view["negative_embeds"]
