@@ -162,7 +162,13 @@ class TrainConfig(_Section):
     (0.03 against 0.2-0.5 for the others at 10 steps), so its log-prob gradient is ~15x larger than any other
     step's while it carries almost no reward signal: left in, it swamps the update (docs/credit_efficiency.md)."""
     learning_rate: float = Field(3e-4, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, when lr_schedule is not constant)."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule over the run's optimizer steps (diffusers.optimization.get_scheduler): constant, or
+    decay to 0 by the last step along a half cosine or a straight line. A function of the global step, so a resumed
+    run continues on the same curve."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to learning_rate at the start of the schedule."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -297,6 +303,12 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"train.timestep_selection=all trains every step but train.timestep_fraction is {t.timestep_fraction}; "
             "set timestep_selection to random or credit, or timestep_fraction to 1.0"
+        )
+    total_updates = cfg.num_epochs * cfg.geometry(1)["updates_per_epoch"]
+    if t.lr_warmup_steps > total_updates:
+        problems.append(
+            f"train.lr_warmup_steps ({t.lr_warmup_steps}) exceeds the run's optimizer steps ({cfg.num_epochs} epochs "
+            f"x {cfg.geometry(1)['updates_per_epoch']} updates = {total_updates}); use at most {total_updates}"
         )
     if t.kl_coef > 0 and not cfg.model.use_lora:
         problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the UNet with LoRA disabled)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
+from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -162,6 +164,14 @@ def train(
     )
     # Prepare the module that owns the LoRA parameters *and* runs the forward, so DDP syncs them.
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    # Not handed to accelerate (whose wrapper steps it once per process): the lr is a function of the global
+    # step, stepped after each optimizer step and fast-forwarded on resume.
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.train.lr_schedule == "constant" else cfg.train.lr_schedule,
+        optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=cfg.num_epochs * cfg.geometry(accelerator.num_processes)["updates_per_epoch"],
+    )
 
     # ---------------------------------------------------------------- reward, credit, prompts, trackers
     if reward_fn is None:
@@ -202,6 +212,10 @@ def train(
             assigner.load_state_dict(state["credit"])
         sampler.load_state_dict(state["prompt_sampler"])
         start_epoch, global_step, skipped_total = state["epochs_done"], state["global_step"], state["nonfinite_skipped"]
+        with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(global_step):
+                lr_scheduler.step()
         if main:
             print(f"[drl] resumed from {ckpt} at epoch {start_epoch}, global step {global_step}")
 
@@ -370,6 +384,7 @@ def train(
                                         f"trainable parameters became non-finite at global step {global_step} "
                                         f"(epoch {epoch}); lower train.learning_rate"
                                     )
+                                lr_scheduler.step()
                                 global_step += 1
                                 consecutive_bad = 0
                                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
@@ -388,6 +403,7 @@ def train(
             "reward/unscorable": n_bad,
             "reward/frac_zero_std_groups": _frac_zero_std(prompts_all, rewards_all),
             "loss/grad_norm": sums.pop("grad_norm", 0.0) / n_updates,
+            "loss/learning_rate": lr_scheduler.get_last_lr()[0],  # after the epoch's last update
             **{f"loss/{k}": v / max(n_micro, 1) for k, v in sums.items()},
             "loss/nonfinite_skipped_total": skipped_total,
             "credit/steps_trained_per_trajectory": k_train,

@@ -83,6 +83,8 @@ def test_all_problems_reported_at_once_with_paths_values_and_fixes():
         (["train.timestep_fraction=0.5"], "timestep_selection=all trains every step"),
         (["train.timestep_fraction=0.05", "train.timestep_selection=random"], "trains no step"),
         (["train.skip_final_steps=10"], "train.skip_final_steps (10) leaves none of the sample.num_steps (10) steps"),
+        (["train.lr_warmup_steps=9"], "train.lr_warmup_steps (9) exceeds the run's optimizer steps (2 epochs x 4 updates = 8)"),
+        (["train.lr_schedule=step"], "train.lr_schedule"),
         (["train.kl_coef=0.1", "model.use_lora=false"], "needs model.use_lora=true"),
         (["reward.name=null"], "set reward.name"),
         (["prompts.source=file"], "needs prompts.path"),

@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny pipeline: artefacts, TensorBoard, LoRA, resume, failure handling."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,39 @@ def test_unscorable_rewards_are_masked_counted_or_an_error(tmp_path):
         train(_tiny(tmp_path / "frac", "reward.max_unscorable_fraction=0.1"), reward_fn=half_broken)
 
 
+class _Crash(RuntimeError):
+    pass
+
+
+def test_a_crashed_run_resumes_on_the_same_lr_schedule(tmp_path):
+    """The schedule is a function of the global step: a 3-epoch cosine run that dies while scoring its third
+    epoch, resumed from its epoch-2 checkpoint, logs the same lr curve and ends with the same weights as an
+    uninterrupted run."""
+    sets = ["num_epochs=3", "checkpoint.every=1", "train.lr_schedule=cosine", "train.lr_warmup_steps=1"]
+    jpeg = rewards.load("jpeg_compressibility")
+    calls = []
+
+    def dies_in_epoch_3(images, prompts, metadata):  # tiny.yaml: one scored batch per epoch
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise _Crash("simulated crash")
+        return jpeg(images, prompts, metadata)
+
+    straight = train(_tiny(tmp_path / "a", *sets))
+    with pytest.raises(rewards.RewardError, match="simulated crash"):  # the reward wrapper names the failure
+        train(_tiny(tmp_path / "b", *sets), reward_fn=dies_in_epoch_3)
+    resumed = train(_tiny(tmp_path / "b", *sets), resume="auto")
+    assert [r["epoch"] for r in resumed.history] == [2]
+    # 3 epochs x 2 updates: 1 warm-up step, then a half cosine over the other 5; lr after steps 2, 4, 6
+    peak = load_config(TINY).train.learning_rate
+    expected = [peak * 0.5 * (1 + math.cos(math.pi * (s - 1) / 5)) for s in (2, 4, 6)]
+    assert [r["loss/learning_rate"] for r in straight.history] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert [r["loss/learning_rate"] for r in metrics(tmp_path / "b")] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    a, b = lora(tmp_path / "a"), lora(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     """An absurd learning rate blows the LoRA weights up: later steps have non-finite loss and
     gradients, are skipped (weights untouched) and the run stops after max_consecutive_nonfinite."""
@@ -200,6 +234,7 @@ def test_tensorboard_event_file_holds_grouped_tags_and_logged_values(coca_runs):
     acc.Reload()
     tags = acc.Tags()
     for tag in ("reward/mean", "reward/std", "loss/policy_loss", "loss/clipfrac", "loss/approx_kl", "loss/grad_norm",
+                "loss/learning_rate",
                 "perf/epoch_s", "perf/samples_per_s", "credit/share_first", "credit/share_last"):
         assert tag in tags["scalars"], tag
     assert "samples/grid" in tags["images"]
@@ -238,7 +273,7 @@ def test_resume_equals_straight_run(coca_runs):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     ra, rb = metrics(straight), metrics(resumed)
     assert [r["epoch"] for r in rb] == [0, 1, 2]
-    for key in ("reward/mean", "reward/std", "loss/policy_loss", "global_step"):
+    for key in ("reward/mean", "reward/std", "loss/policy_loss", "global_step", "loss/learning_rate"):
         assert [r[key] for r in ra] == pytest.approx([r[key] for r in rb], rel=1e-6, abs=1e-9)
 
 
