@@ -252,11 +252,18 @@ def save_trained_weights(unet: UNet2DConditionModel, use_lora: bool, out_dir: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if use_lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        # peft's own key names (lora_A / lora_B), which diffusers loads for Linear and Conv2d alike. (Its
+        # convert_state_dict_to_diffusers renames only attention keys; a file mixing both naming schemes
+        # loads the conv adapters and silently drops the attention ones.) The adapter metadata carries
+        # rank and alpha, so the loaded scaling is alpha / rank as trained.
+        StableDiffusionPipeline.save_lora_weights(
+            out_dir,
+            unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
         return out_dir
     unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     return out_dir / "unet"

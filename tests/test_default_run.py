@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file
+
+from diffusion_rl.models import load_pipeline
 
 REPO = Path(__file__).parents[1]
 
@@ -38,4 +42,13 @@ def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # the default's LoRA covers the convolutions too, and plain diffusers loads it onto the shipped model
+    lora = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(".resnets.0.conv1.lora_A." in k for k in lora) and any(".attn1.to_q.lora_A." in k for k in lora)
+    pipe = load_pipeline("builtin:tiny-shapes")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, output_type="pt")
+    before = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert not torch.allclose(before, after, atol=1e-6)
