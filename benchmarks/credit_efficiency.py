@@ -10,10 +10,14 @@ reward versus reward queries.
 
 Methods (the only overrides that differ between runs, besides `seed`):
 
-    sparse       credit.kind=sparse  train.timestep_selection=all     train.timestep_fraction=1.0   (DDPO)
-    uniform      credit.kind=uniform train.timestep_selection=all     train.timestep_fraction=1.0   (UCA by true step)
-    coca         credit.kind=coca    train.timestep_selection=all     train.timestep_fraction=1.0
-    coca_select  credit.kind=coca    train.timestep_selection=credit  train.timestep_fraction=F (--select-fraction, 0.5)
+    sparse         credit.kind=sparse   train.timestep_selection=all     train.timestep_fraction=1.0   (DDPO)
+    sparse_random  credit.kind=sparse   train.timestep_selection=random  train.timestep_fraction=F     (DDPO's own
+                   timestep_fraction: as many trained steps as coca_select, picked at random; the control that
+                   separates "train fewer steps" from "train the steps CoCA credits")
+    uniform        credit.kind=uniform  train.timestep_selection=all     train.timestep_fraction=1.0   (UCA by true step)
+    coca           credit.kind=coca     train.timestep_selection=all     train.timestep_fraction=1.0
+    coca_select    credit.kind=coca     train.timestep_selection=credit  train.timestep_fraction=F
+                   (F = --select-fraction, default 0.5)
 
 Outputs in `--out` (default docs/credit_efficiency):
     runs.csv   one row per (method, seed, epoch), epoch 0 = before training: method, seed, epoch, reward_queries,
@@ -64,9 +68,10 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 CSV_COLUMNS = ["method", "seed", "epoch", "reward_queries", "eval_mean", "train_reward_mean", "wall_s"]
 TOL = 1e-6  # eval means are float32 averages: values equal up to rounding count as reached
-METHOD_ORDER = ["sparse", "uniform", "coca", "coca_select"]
+METHOD_ORDER = ["sparse", "sparse_random", "uniform", "coca", "coca_select"]
 COLOURS = {
     "sparse": (31, 119, 180),
+    "sparse_random": (255, 127, 14),
     "uniform": (127, 127, 127),
     "coca": (214, 39, 40),
     "coca_select": (44, 160, 44),
@@ -77,6 +82,9 @@ def method_overrides(method: str, select_fraction: float = 0.5) -> list[str]:
     """The only settings that differ between methods (credit kind and step selection)."""
     table = {
         "sparse": ["credit.kind=sparse", "train.timestep_selection=all", "train.timestep_fraction=1.0"],
+        "sparse_random": [
+            "credit.kind=sparse", "train.timestep_selection=random", f"train.timestep_fraction={select_fraction}",
+        ],
         "uniform": ["credit.kind=uniform", "train.timestep_selection=all", "train.timestep_fraction=1.0"],
         "coca": ["credit.kind=coca", "train.timestep_selection=all", "train.timestep_fraction=1.0"],
         "coca_select": [
@@ -533,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the config's num_epochs)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every K epochs (plus before and after)")
     p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
-    p.add_argument("--select-fraction", type=float, default=0.5, help="train.timestep_fraction of coca_select")
+    p.add_argument("--select-fraction", type=float, default=0.5, help="train.timestep_fraction of coca_select and sparse_random")
     p.add_argument("--out", default="docs/credit_efficiency", help="where runs.csv, curve.png, table.md go")
     p.add_argument("--runs-dir", default="runs/credit_efficiency", help="run directories (TensorBoard, weights)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -102,3 +102,24 @@ def test_eval_before_training_does_not_depend_on_the_training_seed():
         images.append(imgs)
     assert not torch.equal(lora_a[0], lora_a[1])  # the seeds did draw different adapters
     assert torch.equal(images[0], images[1])
+
+
+def test_every_method_resolves_to_a_valid_config_that_differs_only_in_its_overrides(bench, tmp_path):
+    """The methods of the shipped benchmark command on the shipped default: each resolves (the config rules
+    hold), trains the expected number of steps, and differs from the others only in credit and step selection."""
+    cfgs = {m: bench.run_config(str(REPO / "configs" / "default.yaml"), [], m, 0, 5, 1, tmp_path, 0.34)
+            for m in bench.METHOD_ORDER}
+    steps = {m: c.num_train_timesteps() for m, c in cfgs.items()}
+    assert steps == {"sparse": 9, "sparse_random": 3, "uniform": 9, "coca": 9, "coca_select": 3}
+    assert cfgs["sparse_random"].train.timestep_selection == "random"
+    assert cfgs["coca_select"].train.timestep_selection == "credit"
+
+    def rest(c):
+        d = c.model_dump(mode="json")
+        d.pop("output_dir")
+        d["credit"].pop("kind")
+        for k in ("timestep_selection", "timestep_fraction"):
+            d["train"].pop(k)
+        return d
+
+    assert all(rest(c) == rest(cfgs["sparse"]) for c in cfgs.values())
