@@ -245,6 +245,10 @@ class RunConfig(_Section):
     def num_train_timesteps(self) -> int:
         return int((self.sample.num_steps - self.train.skip_final_steps) * self.train.timestep_fraction)
 
+    def num_optimizer_steps(self) -> int:
+        """Optimizer steps in the whole run (the same on every process): the lr schedule's length."""
+        return self.num_epochs * self.geometry(1)["updates_per_epoch"]
+
     def geometry(self, world_size: int) -> dict[str, int]:
         """Derived batch numbers, printed at start-up."""
         local = self.sample.batch_size * self.sample.num_batches_per_epoch
@@ -304,11 +308,11 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"train.timestep_selection=all trains every step but train.timestep_fraction is {t.timestep_fraction}; "
             "set timestep_selection to random or credit, or timestep_fraction to 1.0"
         )
-    total_updates = cfg.num_epochs * cfg.geometry(1)["updates_per_epoch"]
+    total_updates = cfg.num_optimizer_steps()
     if t.lr_warmup_steps > total_updates:
         problems.append(
             f"train.lr_warmup_steps ({t.lr_warmup_steps}) exceeds the run's optimizer steps ({cfg.num_epochs} epochs "
-            f"x {cfg.geometry(1)['updates_per_epoch']} updates = {total_updates}); use at most {total_updates}"
+            f"x {total_updates // cfg.num_epochs} updates = {total_updates}); use at most {total_updates}"
         )
     if t.kl_coef > 0 and not cfg.model.use_lora:
         problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the UNet with LoRA disabled)")

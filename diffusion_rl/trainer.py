@@ -170,7 +170,7 @@ def train(
         "constant_with_warmup" if cfg.train.lr_schedule == "constant" else cfg.train.lr_schedule,
         optimizer,
         num_warmup_steps=cfg.train.lr_warmup_steps,
-        num_training_steps=cfg.num_epochs * cfg.geometry(accelerator.num_processes)["updates_per_epoch"],
+        num_training_steps=cfg.num_optimizer_steps(),
     )
 
     # ---------------------------------------------------------------- reward, credit, prompts, trackers

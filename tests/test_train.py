@@ -136,7 +136,7 @@ def test_skipped_final_steps_are_never_trained(tmp_path):
     for skip in (0, 1):
         result = train(_tiny(tmp_path / f"skip{skip}", f"train.skip_final_steps={skip}"), credit_fn=final_step_only)
         assert result.history[0]["credit/steps_trained_per_trajectory"] == 4 - skip
-        ups[skip] = [v for k, v in lora(tmp_path / f"skip{skip}").items() if "lora_B" in k or "lora.up" in k]
+        ups[skip] = [v for k, v in lora(tmp_path / f"skip{skip}").items() if "lora_B" in k]  # peft key names
         assert ups[skip]
     assert all(torch.count_nonzero(v) == 0 for v in ups[1])
     assert any(torch.count_nonzero(v) > 0 for v in ups[0])
@@ -159,10 +159,6 @@ def test_unscorable_rewards_are_masked_counted_or_an_error(tmp_path):
         train(_tiny(tmp_path / "frac", "reward.max_unscorable_fraction=0.1"), reward_fn=half_broken)
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_a_crashed_run_resumes_on_the_same_lr_schedule(tmp_path):
     """The schedule is a function of the global step: a 3-epoch cosine run that dies while scoring its third
     epoch, resumed from its epoch-2 checkpoint, logs the same lr curve and ends with the same weights as an
@@ -174,7 +170,7 @@ def test_a_crashed_run_resumes_on_the_same_lr_schedule(tmp_path):
     def dies_in_epoch_3(images, prompts, metadata):  # tiny.yaml: one scored batch per epoch
         calls.append(len(prompts))
         if len(calls) == 3:
-            raise _Crash("simulated crash")
+            raise RuntimeError("simulated crash")
         return jpeg(images, prompts, metadata)
 
     straight = train(_tiny(tmp_path / "a", *sets))
