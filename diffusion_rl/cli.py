@@ -6,12 +6,15 @@ message and exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from diffusion_rl.core.cli import SetOpt, core_user_errors, fail, user_errors
 
 app = typer.Typer(
     help="drl: reinforcement-learning fine-tuning of text-to-image diffusion models (DDPO/GRPO, dense credit).",
@@ -32,40 +35,35 @@ def _mount_reward_cli() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """The core's user errors plus the diffusion side's (model loading, prompts, rewards)."""
     import rewards
-    from diffusion_rl.checkpoint import CheckpointError
-    from diffusion_rl.config import ConfigError
     from diffusion_rl.models import ModelLoadError
     from diffusion_rl.prompts import PromptError
-    from diffusion_rl.trainer import NonFiniteTrainingError, ResumeError
 
-    return (ConfigError, CheckpointError, ModelLoadError, PromptError, ResumeError, NonFiniteTrainingError, rewards.RewardError)
-
-
-def _fail(err: BaseException) -> None:
-    typer.echo(f"drl: error: {err}", err=True)
-    raise typer.Exit(2)
+    return (*core_user_errors(), ModelLoadError, PromptError, rewards.RewardError)
 
 
 ConfigArg = Annotated[
     Path | None, typer.Argument(help="YAML config (default: the embedded CPU default, configs/default.yaml).")
 ]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)."),
-]
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+def shipped_config(name: str) -> Path:
+    """A config shipped inside the package (the repository's configs/, installed as package data)."""
+    return Path(str(importlib.resources.files("diffusion_rl") / "configs" / name))
+
+
+DEFAULT_CONFIG = shipped_config("default.yaml")
 
 
 def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | None = None):
-    """CONFIG, or configs/default.yaml (the embedded CPU default) when none is given."""
+    """CONFIG, or the shipped configs/default.yaml (the embedded CPU default) when none is given."""
     from diffusion_rl.config import ConfigError, load_config
 
     if config is None:
         if not DEFAULT_CONFIG.is_file():
-            raise ConfigError([f"no CONFIG given and the default {DEFAULT_CONFIG} is missing; pass a YAML config"])
+            raise ConfigError([f"no CONFIG given and the default {DEFAULT_CONFIG} is missing from the installed "
+                               "package; reinstall drl or pass a YAML config"])
         config = DEFAULT_CONFIG
     overrides = list(overrides or [])
     if output_dir is not None:
@@ -83,13 +81,11 @@ def train(
     ] = None,
 ) -> None:
     """Fine-tune a diffusion model with RL. With no arguments runs the embedded CPU default in minutes."""
-    try:
+    with user_errors(_user_errors()):
         cfg = _load(config, set_, output_dir)
         from diffusion_rl.trainer import train as run_training
 
         run_training(cfg, resume=resume)
-    except _user_errors() as err:
-        _fail(err)
 
 
 @app.command()
@@ -103,17 +99,16 @@ def sample(
     guidance_scale: Annotated[float | None, typer.Option(help="CFG weight (default: the run's, else 5).")] = None,
 ) -> None:
     """Sample images (and a grid PNG) from a model or from a trained run (its LoRA or UNet applied)."""
-    try:
+    with user_errors(_user_errors()):
         from diffusion_rl.inference import load_for_inference, sample_images
 
         pipe, defaults = load_for_inference(model_or_run)
         paths = sample_images(
             pipe, prompt, num, out, seed,
             steps or defaults.get("num_steps", 20), guidance_scale or defaults.get("guidance_scale", 5.0),
+            defaults.get("negative_prompt", ""),
         )
         typer.echo(f"wrote {len(paths) - 1} images and {paths[-1]}")
-    except _user_errors() as err:
-        _fail(err)
 
 
 @app.command("eval")
@@ -133,7 +128,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Fixed-seed evaluation on held-out prompts: mean and std per reward, and an image grid."""
-    try:
+    with user_errors(_user_errors()):
         import rewards
         from diffusion_rl.evaluation import eval_prompts_from, evaluate
         from diffusion_rl.inference import load_for_inference
@@ -152,9 +147,8 @@ def eval_(
         results, images, _ = evaluate(
             pipe, pipe.unet, prompt_list, fns, seed, num, steps or defaults.get("num_steps", 20),
             guidance_scale or defaults.get("guidance_scale", 5.0), defaults.get("eta", 1.0),
+            negative_prompt=defaults.get("negative_prompt", ""),  # what the trainer's evaluation uses
         )
-    except _user_errors() as err:
-        _fail(err)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         image_grid(images[:64], nrow=8).save(out / "grid.png")
@@ -177,10 +171,8 @@ def config_show(
     """Print the resolved configuration (YAML) after defaults and overrides, or validate and document it."""
     from diffusion_rl.config import documented_fields, dump_config
 
-    try:
+    with user_errors(_user_errors()):
         cfg = _load(config, set_)
-    except _user_errors() as err:
-        _fail(err)
     if doc:
         for path, text in documented_fields():
             typer.echo(f"{path}: {' '.join(text.split())}")
@@ -197,11 +189,11 @@ def credit_inspect(
     """Print the per-step credit profile of the latest (or a given) epoch as a small table."""
     path = run_dir / "credit_profile.jsonl"
     if not path.is_file():
-        _fail(FileNotFoundError(f"{path} not found; is {run_dir} a drl run directory with a finished epoch?"))
+        fail(FileNotFoundError(f"{path} not found; is {run_dir} a drl run directory with a finished epoch?"))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     chosen = rows[-1] if epoch is None else next((r for r in rows if r["epoch"] == epoch), None)
     if chosen is None:
-        _fail(ValueError(f"epoch {epoch} not in {path}; epochs: {[r['epoch'] for r in rows]}"))
+        fail(ValueError(f"epoch {epoch} not in {path}; epochs: {[r['epoch'] for r in rows]}"))
     if as_json:
         typer.echo(json.dumps(chosen))
         return

@@ -1,34 +1,30 @@
-"""Typed run configuration: YAML -> validated models, `--set a.b=c` overrides, one error listing all problems.
+"""The diffusion trainer's typed run configuration (`RunConfig`) and its cross-field rules.
 
-Every field has a docstring (shown by `drl config show --doc`); unknown keys are rejected with a
-suggestion; cross-field rules (batch geometry, credit window, step selection) are checked in one
-place and reported together with the value and the fix.
+The machinery (strict sections, YAML, `--set` overrides, one error listing every problem, field docs) and the
+sections both trainers share (reward, advantage, checkpoint) live in `diffusion_rl.core.config`; this module
+adds the diffusion sections and rules. Every field has a docstring (`drl config show --doc`).
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-
-class ConfigError(ValueError):
-    """A configuration problem; `problems` lists every one found (path: what is wrong, the value, the fix)."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+from diffusion_rl.core import config as core_config
+from diffusion_rl.core.config import (  # noqa: F401  (re-exported: the names users import from here)
+    AdvantageConfig,
+    CheckpointConfig,
+    ConfigError,
+    MixedPrecision,
+    RewardComponent,
+    RewardConfig,
+    apply_overrides,
+    parse_override,
+    read_yaml,
+)
+from diffusion_rl.core.config import Section as _Section
 
 
 class ModelConfig(_Section):
@@ -89,47 +85,6 @@ class PromptsConfig(_Section):
     """Dataset column holding the prompt text."""
 
 
-class RewardComponent(_Section):
-    name: str
-    """Registered reward name (see `drl reward list`)."""
-    weight: float = 1.0
-    """Weight of this component in the combination."""
-    label: str | None = None
-    """Unique label when the same reward appears twice."""
-    options: dict[str, Any] = {}
-    """Keyword options passed to the reward factory (model_path, dtype, device, ...)."""
-
-
-class RewardConfig(_Section):
-    name: str | None = "jpeg_compressibility"
-    """Registered reward name (`drl reward list`); leave empty when `components` is given."""
-    options: dict[str, Any] = {}
-    """Keyword options for the reward factory."""
-    components: list[RewardComponent] = []
-    """Weighted list of rewards (multi-reward); replaces `name`."""
-    combine: Literal["sum", "advantage"] = "sum"
-    """Multi-reward combination: weighted sum of raw rewards, or weighted sum of per-prompt normalised advantages."""
-    nonfinite: Literal["error", "mask"] = "mask"
-    """What to do with NaN/unscorable rewards: stop with an error naming the reward, or mask the sample (zero advantage)."""
-    max_unscorable_fraction: float = Field(0.25, ge=0, le=1)
-    """With nonfinite = mask, stop when more than this fraction of an epoch's samples is unscorable."""
-    overlap: bool = True
-    """Score batch i in a worker thread while batch i+1 is sampled."""
-
-
-class AdvantageConfig(_Section):
-    per_prompt_stat_tracking: bool = True
-    """Standardise rewards per prompt with a bounded buffer (DDPO); false uses whole-batch statistics."""
-    buffer_size: int = Field(32, ge=1)
-    """Rewards kept per prompt."""
-    min_count: int = Field(16, ge=1)
-    """Below this many buffered rewards a prompt uses the whole batch's statistics."""
-    scale_std: bool = True
-    """Divide by the standard deviation (false = Dr.GRPO: centre only)."""
-    clip: float = Field(5.0, gt=0)
-    """Clamp advantages to [-clip, clip]."""
-
-
 class CreditConfig(_Section):
     kind: Literal["sparse", "uniform", "coca"] = "sparse"
     """Step-level credit: sparse (DDPO, same advantage at every step), uniform (reward-to-go of 1/T by true step)
@@ -138,8 +93,11 @@ class CreditConfig(_Section):
     """CoCA smoothing window w; must divide sample.num_steps."""
     alpha: float = Field(0.0, ge=0, le=1)
     """CoCA blend: R = A * (alpha + (1 - alpha) * reward_to_go); 1 = sparse, 0 = pure CoCA."""
-    stage2: Literal["paper", "batch", "running", "none"] = "paper"
-    """CoCA second per-prompt standardisation: published statistics (paper), current batch, whole buffer, or none."""
+    stage2: Literal["paper", "batch", "running", "global", "none"] = "paper"
+    """CoCA second standardisation of the step returns: per prompt with the published statistics (paper), the current
+    batch (batch) or the whole buffer (running); over the whole batch's step-return matrix (global: what the published
+    code does when per-prompt tracking is off, so it is the mode to pair with advantage.per_prompt_stat_tracking=false);
+    or none."""
     buffer_size: int = Field(32, ge=1)
     """CoCA stage-2 buffer length per prompt."""
     min_count: int = Field(16, ge=1)
@@ -189,10 +147,17 @@ class TrainConfig(_Section):
     """Weight of a KL penalty to the reference (the UNet with LoRA disabled); needs use_lora."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator for the penalty."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """accelerate mixed precision for the UNet forward; log-probs stay fp32."""
+    mixed_precision: MixedPrecision = "no"
+    """accelerate mixed precision for the UNet forward (no, fp16 or bf16; a bare YAML `no` is accepted); log-probs,
+    credit and losses stay fp32. fp16 uses a gradient scaler: an overflowing step is skipped and the scale backs off."""
+    ema: bool = False
+    """Keep an exponential moving average of the trainable weights (Flow-GRPO keeps one) and use it for evaluation
+    and for the saved weights; sampling for training always uses the live weights. Checkpointed, resume-exact."""
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    """EMA decay per optimizer step: ema = decay * ema + (1 - decay) * weights."""
     max_consecutive_nonfinite: int = Field(3, ge=1)
-    """Abort after this many optimizer steps in a row skipped for non-finite loss or gradients."""
+    """Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient (fp16 gradient-scaler
+    overflows with a finite loss back the scale off instead and count only once the scale has fallen below 1)."""
 
 
 class LoggingConfig(_Section):
@@ -200,13 +165,6 @@ class LoggingConfig(_Section):
     """Write a grid of sampled images to TensorBoard every N epochs (0 = never)."""
     num_images: int = Field(8, ge=1)
     """Images in that grid."""
-
-
-class CheckpointConfig(_Section):
-    every: int = Field(1, ge=0)
-    """Save a checkpoint every N epochs (0 = only at the end)."""
-    keep_last: int = Field(2, ge=1)
-    """Complete checkpoints kept; older ones are pruned only after a new one is whole."""
 
 
 class EvalConfig(_Section):
@@ -234,7 +192,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     sample: SampleConfig = SampleConfig()
     prompts: PromptsConfig = PromptsConfig()
-    reward: RewardConfig = RewardConfig()
+    reward: RewardConfig = RewardConfig(name="jpeg_compressibility")
     advantage: AdvantageConfig = AdvantageConfig()
     credit: CreditConfig = CreditConfig()
     train: TrainConfig = TrainConfig()
@@ -264,7 +222,7 @@ class RunConfig(_Section):
         }
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return core_config.config_hash(self)
 
 
 def cross_field_problems(cfg: RunConfig) -> list[str]:
@@ -316,13 +274,18 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         )
     if t.kl_coef > 0 and not cfg.model.use_lora:
         problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the UNet with LoRA disabled)")
-    r = cfg.reward
-    if r.components and r.name:
-        problems.append("reward: give either reward.name or reward.components, not both (set reward.name: null)")
-    if not r.components and not r.name:
-        problems.append("reward: set reward.name (see `drl reward list`) or a list of reward.components")
-    if r.combine == "advantage" and not r.components:
-        problems.append("reward.combine=advantage needs reward.components (a weighted list of rewards)")
+    if c.kind == "coca" and c.stage2 == "paper" and c.buffer_size % 2:
+        problems.append(
+            f"credit.buffer_size ({c.buffer_size}) must be even with credit.stage2=paper: the published buffer stores "
+            f"(mean, std) array pairs; use {c.buffer_size + 1} (CoCA: 32)"
+        )
+    if c.kind == "coca" and not cfg.advantage.per_prompt_stat_tracking and c.stage2 in ("paper", "batch", "running"):
+        problems.append(
+            f"advantage.per_prompt_stat_tracking=false standardises stage 1 over the whole batch, but credit.stage2="
+            f"{c.stage2} standardises the step returns per prompt; set credit.stage2=global (the published code's "
+            "behaviour in that case) or none, or turn per-prompt tracking back on"
+        )
+    problems += core_config.reward_problems(cfg.reward) + core_config.advantage_problems(cfg.advantage)
     p = cfg.prompts
     if p.source == "list" and not p.prompts:
         problems.append("prompts.prompts is empty; add prompts or use prompts.source=file/dataset")
@@ -333,100 +296,14 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def _format_pydantic(err: ValidationError, raw: dict) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = [str(x) for x in e["loc"]]
-        path = ".".join(loc)
-        if e["type"] == "extra_forbidden":
-            section: Any = RunConfig
-            for key in loc[:-1]:
-                field = section.model_fields.get(key) if isinstance(section, type) else None
-                ann = getattr(field, "annotation", None)
-                section = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-                if section is None:
-                    break
-            known = list(section.model_fields) if section is not None else []
-            close = difflib.get_close_matches(loc[-1].replace("-", "_"), known, n=1)
-            hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
-            problems.append(f"{path}: unknown key{hint}" + (f" (known: {', '.join(known)})" if not close and known else ""))
-        else:
-            problems.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
-    return problems
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError([f"--set {item!r}: expected key.path=value, e.g. --set train.learning_rate=1e-4"])
-    key, value = item.split("=", 1)
-    parsed = yaml.safe_load(value) if value != "" else ""
-    return key.strip().split("."), parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = raw
-        for key in path[:-1]:
-            nxt = node.get(key)
-            if not isinstance(nxt, dict):
-                nxt = node[key] = {} if nxt is None else nxt
-            if not isinstance(nxt, dict):
-                raise ConfigError([f"--set {item!r}: '{key}' is not a section"])
-            node = nxt
-        node[path[-1]] = value
-    return raw
-
-
-def _without(raw: dict, locs: list[tuple]) -> dict:
-    """A deep copy of `raw` with the offending leaves removed (they fall back to defaults)."""
-    out = copy.deepcopy(raw)
-    for loc in locs:
-        node = out
-        for key in loc[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if isinstance(node, dict):
-            node.pop(loc[-1], None)
-    return out
-
-
 def build_config(raw: dict, source: str = "config") -> RunConfig:
     """Validate; field errors and cross-field errors are reported together in one ConfigError."""
-    try:
-        return_cfg = RunConfig.model_validate(raw)
-        field_problems: list[str] = []
-    except ValidationError as err:
-        field_problems = _format_pydantic(err, raw)
-        try:  # check the cross-field rules on what is valid, so every problem is reported at once
-            return_cfg = RunConfig.model_validate(_without(raw, [e["loc"] for e in err.errors()]))
-        except ValidationError:
-            raise ConfigError(field_problems, source) from None
-    problems = field_problems + cross_field_problems(return_cfg)
-    if problems:
-        raise ConfigError(problems, source)
-    return return_cfg
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {str(path)!r} does not exist; pass a YAML file such as configs/default.yaml"])
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}"])
-    return raw
+    return core_config.build(RunConfig, raw, source, cross_field_problems)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config (or the embedded defaults when `path` is None) and apply `--set` overrides."""
-    raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, list(overrides))
-    cfg = build_config(raw, str(path) if path else "the default config")
+    cfg = core_config.load(RunConfig, path, overrides, cross_field_problems)
     # A relative prompts.path is relative to the YAML file when it exists there (configs/prompts/...).
     if path is not None and cfg.prompts.path and not Path(cfg.prompts.path).is_absolute():
         beside = Path(path).parent / cfg.prompts.path
@@ -436,16 +313,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return core_config.dump(cfg)
 
 
-def documented_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted path, docstring) for every leaf field; used by docs and the 'every field documented' test."""
-    out = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += documented_fields(ann, f"{prefix}{name}.")
-        else:
-            out.append((f"{prefix}{name}", field.description or ""))
-    return out
+def documented_fields(model=RunConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, docstring) for every leaf field of the run config."""
+    return core_config.documented_fields(model, prefix)

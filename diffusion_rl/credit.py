@@ -60,7 +60,7 @@ SUM_EPS = 1e-8
 # all-zero latent gives similarity 0 instead of NaN.
 COS_EPS = 1e-8
 
-STAGE2_MODES = ("paper", "batch", "running", "none")
+STAGE2_MODES = ("paper", "batch", "running", "global", "none")
 SELECT_MODES = ("all", "random", "credit")
 
 
@@ -292,6 +292,9 @@ class CoCACredit:
                 trajectories (current batch included). Until a prompt has ``min_count``
                 trajectories, the whole current batch's statistics are used (as in stage 1).
                 Fixes (a) and (b); like every standardisation it still rescales.
+    ``global``  μ, σ over the whole current R matrix (all valid rows × T, all prompts): what the published
+                code does when per-prompt stat tracking is off (``advantage.per_prompt_stat_tracking=false``),
+                the stage-1 batch standardisation carried over to the step returns.
     ``none``    Â = R (skip stage 2): keeps the scale of A, so α = 1 reproduces ``SparseCredit``.
     ==========  ===================================================================================
 
@@ -353,6 +356,9 @@ class CoCACredit:
             return R, 0.0
         all_rows = [i for rows in rows_of.values() for i in rows]
         batch_mu, batch_sigma = _pop_mean_std(Rd[all_rows])  # whole gathered batch, valid rows
+        if self.stage2 == "global":
+            out[all_rows] = (Rd[all_rows] - batch_mu) / (batch_sigma + self.eps)
+            return out.to(R.dtype), 0.0
         n_buffered = 0
         for prompt, rows in rows_of.items():
             Rp = Rd[rows]  # [n_p, T]

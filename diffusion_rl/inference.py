@@ -26,7 +26,7 @@ def load_for_inference(model_or_run: str) -> tuple[StableDiffusionPipeline, dict
             pipe.unet = UNet2DConditionModel.from_pretrained(run / "unet", torch_dtype=pipe.unet.dtype)
         defaults = {
             "num_steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale, "eta": cfg.sample.eta,
-            "config": cfg,
+            "negative_prompt": cfg.sample.negative_prompt, "config": cfg,
         }
         return pipe, defaults
     return load_pipeline(model_or_run), {}
@@ -41,6 +41,7 @@ def sample_images(
     seed: int,
     steps: int,
     guidance_scale: float,
+    negative_prompt: str = "",
 ) -> list[Path]:
     """`num` images per prompt as PNGs plus `grid.png` (one row per prompt). Returns the paths, grid last."""
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,8 @@ def sample_images(
     for i, prompt in enumerate(prompts):
         gens = [torch.Generator().manual_seed(seed + 1000 * i + j) for j in range(num)]
         images = pipe(
-            [prompt] * num, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt"
+            [prompt] * num, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt",
+            negative_prompt=[negative_prompt] * num if negative_prompt else None,
         ).images
         tensors.append(images.float().cpu())
         for j, img in enumerate(images):

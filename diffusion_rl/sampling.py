@@ -27,7 +27,7 @@ class Trajectories:
     next_latents: torch.Tensor  # [B, T, C, h, w] x_{t_{k+1}}, the action of step k
     timesteps: torch.Tensor  # [B, T] long
     log_probs: torch.Tensor  # [B, T] fp32 log pi_old(a_k | s_k)
-    pred_x0: torch.Tensor  # [B, T, C, h, w] fp32 predicted x0 at each step
+    # the predicted x0 of every step is reduced to these on the fly and not kept (T latents per sample at SD scale)
     similarities: torch.Tensor  # [B, T+1] fp32 cos(pred_x0_k, x_T), s_T = 1 (CoCA's input)
     images: torch.Tensor  # [B, 3, H, W] fp32 in [0, 1]
 
@@ -110,7 +110,7 @@ def sample_trajectories(
         pred_x0.append(out.pred_original_sample)
         x = out.prev_sample
     images = decode_latents(pipe, x)
-    pred_x0_t = torch.stack(pred_x0, dim=1)  # [B, T, C, h, w] fp32
+    similarities = trajectory_similarities(torch.stack(pred_x0, dim=1), x)  # [B, T+1] from [B, T, C, h, w]
     return Trajectories(
         prompt_embeds=prompt_embeds,
         negative_embeds=negative_embeds,
@@ -118,8 +118,7 @@ def sample_trajectories(
         next_latents=torch.stack(next_latents, dim=1),
         timesteps=scheduler.timesteps.to(device).long()[None].expand(batch, -1).clone(),
         log_probs=torch.stack(log_probs, dim=1),
-        pred_x0=pred_x0_t,
-        similarities=trajectory_similarities(pred_x0_t, x),
+        similarities=similarities,
         images=images,
     )
 

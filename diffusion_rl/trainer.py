@@ -1,28 +1,34 @@
-"""The denoising-MDP trainer: DDPO / GRPO with pluggable step-level credit, in one loop.
+"""The denoising-MDP trainer: DDPO / GRPO with pluggable step-level credit.
 
-Each epoch:
-    1. SAMPLING   every process samples `batch_size x num_batches_per_epoch` trajectories (K per prompt),
-                  recording x_t, x_{t-1}, t, log pi_old and the predicted x0 at every step; rewards of
-                  batch i are scored in a worker thread while batch i+1 is sampled.
-    2. ADVANTAGES rewards, prompts and similarity curves are gathered from all processes; per-prompt
-                  standardisation (stage 1), then the credit assigner turns them into per-step
-                  advantages [N, T] in true sampling order; each process takes back its own rows.
-    3. TRAINING   inner PPO epochs over (sample, step) pairs: shuffle samples, choose and shuffle steps
-                  per sample (the step advantages ride the same permutation), recompute log pi_theta of
-                  the stored transitions, clipped surrogate, accumulate over steps and micro-batches,
-                  clip the gradient norm, AdamW step. Non-finite steps are skipped on all ranks.
-    4. LOGGING / CHECKPOINT.
+`train()` is the outline; each phase is a function below it, in loop order:
+
+    setup             accelerator, pipeline + LoRA, optimizer, lr schedule, reward, credit, prompts, trackers
+    restore           resume from a checkpoint: weights, optimizer, RNG, trackers, credit buffers, sampler, EMA
+    evaluate_before   fixed-seed held-out evaluation of the starting model
+    per epoch:
+      sample_epoch        every process samples `batch_size x num_batches_per_epoch` trajectories (K per prompt),
+                          recording x_t, x_{t-1}, t, log pi_old and the x0-similarity curve of every step; batch i
+                          is scored in a worker thread while batch i+1 is sampled
+      compute_advantages  rewards, prompts and similarity curves gathered from all processes; per-prompt
+                          standardisation (stage 1), then the credit assigner's per-step advantages [N, T] in
+                          true sampling order; each process takes back its own rows
+      train_epoch         inner PPO epochs over (sample, step) pairs: shuffle samples, choose and shuffle steps
+                          per sample (the step advantages ride the same permutation), recompute log pi_theta of
+                          the stored transitions, clipped surrogate (+ KL), accumulate over steps and
+                          micro-batches, then one guarded optimizer step (non-finite steps skipped on all ranks)
+      log_epoch           the epoch's record: TensorBoard, metrics.jsonl, credit profile, console
+      evaluate / save_checkpoint
+    finish            final evaluation (EMA weights when kept), before/after figure, trained weights saved
 
 Launch with `drl train` (one process) or `accelerate launch -m diffusion_rl.cli train ...`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +41,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import rewards
-from diffusion_rl import checkpoint, credit, grpo, tb
+from diffusion_rl import credit
 from diffusion_rl.config import RunConfig, dump_config
+from diffusion_rl.core import checkpoint, grpo
+from diffusion_rl.core.run import (  # noqa: F401  (NonFiniteTrainingError, ResumeError: importable from here)
+    EMA,
+    NonFiniteTrainingError,
+    OptimizerStepGuard,
+    ResumeError,
+    TrainerCallback,
+    TrainerState,
+    check_resume_config,
+    derive_seed,
+    fast_forward,
+    versions,
+)
 from diffusion_rl.evaluation import eval_prompts_from, evaluate
 from diffusion_rl.models import (
     load_pipeline,
@@ -44,17 +63,13 @@ from diffusion_rl.models import (
     save_trained_weights,
     set_attention_backend,
 )
-from diffusion_rl.prompts import PromptSampler, load_prompts
+from diffusion_rl.prompts import PromptSampler, PromptSet, load_prompts
 from diffusion_rl.sampling import Trajectories, recompute_log_prob, sample_trajectories
-from diffusion_rl.tb import image_grid, side_by_side
+from diffusion_rl.tb import Writer, grid_cells, image_grid, labelled_grid, side_by_side
 
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-class ResumeError(RuntimeError):
-    """The checkpoint does not fit the current configuration."""
+EVAL_GRID_IMAGES, EVAL_GRID_COLUMNS = 64, 8  # images/eval_<tag>.png: the first 64 eval images, 8 per row
+# Config sections a resumed run may change freely; any other difference is reported (model changes are errors).
+RESUME_FREE = ("num_epochs", "output_dir", "logging", "checkpoint", "eval")
 
 
 @dataclass
@@ -68,27 +83,331 @@ class TrainResult:
     process_index: int = 0
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers: independent streams per (seed, epoch, rank, batch, sample)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & ((1 << 63) - 1)
-    return h
+@dataclass
+class Run:
+    """Everything `setup` builds once per `train()` call; the phases read and update it."""
+
+    cfg: RunConfig
+    out: Path
+    accelerator: Accelerator
+    pipe: object  # StableDiffusionPipeline; pipe.unet is the raw (unwrapped) UNet
+    unet: torch.nn.Module  # the accelerate-prepared UNet that runs the forward (DDP syncs its LoRA grads)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    guard: OptimizerStepGuard
+    ema: EMA | None
+    reward_fn: rewards.RewardFn
+    eval_reward: rewards.RewardFn
+    assigner: credit.CreditAssigner
+    prompt_set: PromptSet
+    sampler: PromptSampler
+    trackers: dict[str, grpo.PerPromptStatTracker]  # one per reward ("reward", or each component in advantage mode)
+    component_weights: dict[str, float]  # reward.combine=advantage: weight per component; else empty
+    writer: Writer
+    callbacks: Sequence[TrainerCallback]
+    num_steps: int  # T, denoising steps per trajectory
+    steps_trained: int  # k, steps trained per trajectory
+    start_epoch: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def stateful(self) -> dict:
+        """The parts a checkpoint saves beside accelerate's state (names are the checkpoint's keys)."""
+        return {
+            "trackers": _Trackers(self.trackers),
+            "credit": self.assigner if hasattr(self.assigner, "state_dict") else None,
+            "prompt_sampler": self.sampler,
+            "ema": self.ema,
+        }
 
 
-# Fields a resumed run may change freely; any other difference is reported (model fields are errors).
-_RESUME_FREE = ("num_epochs", "output_dir", "logging", "checkpoint", "eval")
+@dataclass
+class EpochSamples:
+    """One epoch's trajectories (this process) and their rewards (all processes, process order)."""
+
+    trajectories: Trajectories  # N local trajectories
+    prompts: list[str]  # [N] local
+    prompts_all: list[str]  # [N * world]
+    rewards_all: torch.Tensor  # [N * world] fp32, NaN = unscorable
+    valid: torch.Tensor  # [N * world] bool
+    components_all: dict[str, torch.Tensor]  # multi-reward: each component's raw scores [N * world]
+    sample_s: float
+    reward_wait_s: float
 
 
-def _check_resume_config(saved: dict, current: RunConfig) -> list[str]:
-    now = current.model_dump(mode="json")
-    changed = [k for k in now if k not in _RESUME_FREE and now[k] != saved.get(k)]
-    if "model" in changed:
-        raise ResumeError(
-            f"model settings differ from the checkpoint's ({saved.get('model')} vs {now['model']}); "
-            "the saved weights do not fit. Resume with the checkpoint's model settings."
+def train(
+    cfg: RunConfig,
+    reward_fn: Callable | None = None,
+    credit_fn: Callable | None = None,
+    resume: str | None = None,
+    eval_before: dict | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Run `cfg`. `reward_fn(images, prompts, metadata) -> (scores, info)` and `credit_fn(ctx) -> [N, T]`
+    override the configured reward and credit assigner (the Python API for reward-shaping experiments).
+    `eval_before` is a result of the before-training evaluation that is already known (for instance from an
+    earlier run of a sweep with the same model, eval and sampling settings: the untrained model is the base
+    model whatever the seed); it is logged as given, and no before-grid is drawn. `callbacks` are told when
+    each epoch starts and ends (`diffusion_rl.core.run.TrainerCallback`)."""
+    run = setup(cfg, reward_fn, credit_fn, callbacks)
+    result = TrainResult(output_dir=run.out, process_index=run.rank)
+    scorer = rewards.AsyncScorer(run.reward_fn) if cfg.reward.overlap else None
+    with run.writer, scorer or contextlib.nullcontext():  # both closed on every path, exceptions included
+        restore(run, resume)
+        print_startup(run)
+        result.eval_before = evaluate_before(run, eval_before)
+        for epoch in range(run.start_epoch, cfg.num_epochs):
+            for cb in run.callbacks:
+                cb.on_epoch_start(epoch)
+            t_epoch = time.perf_counter()
+            samples = sample_epoch(run, epoch, scorer)
+            step_adv, credit_result, similarities = compute_advantages(run, samples, epoch)
+            t_train = time.perf_counter()
+            losses = train_epoch(run, samples.trajectories, step_adv, epoch)
+            timings = {"sample_s": samples.sample_s, "reward_wait_s": samples.reward_wait_s,
+                       "train_s": time.perf_counter() - t_train, "epoch_s": time.perf_counter() - t_epoch}
+            record = epoch_record(run, epoch, samples, credit_result, losses, timings)
+            if _eval_due(cfg, epoch):
+                record.update({f"eval/{k}": v for k, v in evaluate_model(run).items()})
+            log_epoch(run, epoch, record, samples, credit_result, similarities)
+            result.history.append(record)
+            if (cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0) or epoch + 1 == cfg.num_epochs:
+                save_checkpoint(run, epoch + 1)
+            for cb in run.callbacks:
+                cb.on_epoch_end(epoch, record)
+        finish(run, result)
+    return result
+
+
+# ================================================================================================
+# set-up and resume
+# ================================================================================================
+
+
+def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None,
+          callbacks: Sequence[TrainerCallback] = ()) -> Run:
+    k_train = cfg.num_train_timesteps()
+    # accelerate keeps one process-wide state; each train() call configures it afresh (sweeps in one
+    # process may change mixed precision), keeping the distributed process group (PartialState).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        # Without CUDA, a multi-process launch (torchrun / accelerate launch --multi_gpu) runs gloo on the CPU.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        # one optimizer step accumulates every trained step of every micro-batch
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * k_train,
+    )
+    set_seed(cfg.seed, device_specific=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    pipe, unet, params, optimizer, lr_scheduler = _setup_model_and_optimizer(cfg, accelerator)
+    guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, cfg.train.max_grad_norm,
+                               cfg.train.max_consecutive_nonfinite)
+    reward_fn = _load_reward(cfg) if reward_fn is None else _as_reward(reward_fn)
+    assigner = (credit.as_credit_assigner(credit_fn) if credit_fn is not None
+                else credit.make_credit(cfg.credit.kind, **_credit_options(cfg)))
+    prompt_set = load_prompts(cfg.prompts)
+    a = cfg.advantage
+    component_weights = dict(getattr(reward_fn, "weights", {})) if cfg.reward.combine == "advantage" else {}
+    trackers = {name: grpo.PerPromptStatTracker(a.buffer_size, a.min_count, a.scale_std)
+                for name in (component_weights or {"reward": 1.0})}
+    out = Path(cfg.output_dir)
+    return Run(
+        cfg=cfg, out=out, accelerator=accelerator, pipe=pipe, unet=unet, params=params, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, guard=guard, ema=EMA(params, cfg.train.ema_decay) if cfg.train.ema else None,
+        reward_fn=reward_fn, eval_reward=_load_eval_reward(cfg, reward_fn), assigner=assigner,
+        prompt_set=prompt_set,
+        sampler=PromptSampler(prompt_set, cfg.seed, accelerator.num_processes, accelerator.process_index),
+        trackers=trackers, component_weights=component_weights,
+        writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
+        num_steps=cfg.sample.num_steps, steps_trained=k_train,
+    )
+
+
+def _setup_model_and_optimizer(cfg: RunConfig, accelerator: Accelerator):
+    m, t = cfg.model, cfg.train
+    pipe = load_pipeline(m.pretrained, m.revision, m.dtype, m.local_files_only, m.seed)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
+    set_attention_backend(pipe.unet, m.attention)
+    params = prepare_trainable_unet(pipe, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    # Prepare the module that owns the LoRA parameters *and* runs the forward, so DDP syncs them.
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    # Not handed to accelerate (whose wrapper steps it once per process): the lr is a function of the global
+    # step, stepped after each optimizer step and fast-forwarded on resume.
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
+        num_warmup_steps=t.lr_warmup_steps, num_training_steps=cfg.num_optimizer_steps(),
+    )
+    return pipe, unet, params, optimizer, lr_scheduler
+
+
+def restore(run: Run, resume: str | None) -> None:
+    """Resume from `resume` ('auto' or a checkpoint directory): every piece of state the checkpoint holds."""
+    if not resume:
+        return
+    ckpt = checkpoint.find_checkpoint(resume, run.out)
+    saved, tensors = checkpoint.load_trainer_state(ckpt)
+    changed = check_resume_config(saved["config"], run.cfg.model_dump(mode="json"), RESUME_FREE, fixed=("model",))
+    if changed and run.main:
+        print(f"[drl] warning: resuming with changed settings in {changed}; the config file value is used")
+    run.accelerator.load_state(str(ckpt))
+    state = TrainerState.restore(saved, tensors, run.stateful(), run.world, str(ckpt))
+    run.start_epoch = state.epochs_done
+    run.guard.global_step = state.global_step
+    run.guard.nonfinite_skipped, run.guard.overflow_skipped = state.nonfinite_skipped, state.overflow_skipped
+    fast_forward(run.lr_scheduler, state.global_step)
+    if run.main:
+        print(f"[drl] resumed from {ckpt} at epoch {state.epochs_done}, global step {state.global_step}")
+
+
+def print_startup(run: Run) -> None:
+    """The derived numbers, the run directory and the hyperparameters (TensorBoard), on the main process."""
+    cfg, geo = run.cfg, run.cfg.geometry(run.world)
+    run.writer.hparams(cfg, geo)
+    if not run.main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.yaml").write_text(dump_config(cfg))
+    trainable = sum(p.numel() for p in run.params)
+    print(f"[drl] run directory: {run.out.resolve()}")
+    print(
+        f"[drl] {run.world} process(es) | samples/epoch {geo['samples_per_epoch']} "
+        f"({geo['prompts_per_epoch']} prompts x {cfg.sample.images_per_prompt}) | trained steps/trajectory "
+        f"{run.steps_trained}/{run.num_steps} | updates/epoch {geo['updates_per_epoch']} | effective batch "
+        f"{geo['effective_batch_trajectories']} trajectories = {geo['effective_batch_transitions']} transitions"
+    )
+    adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else "full UNet"
+    print(
+        f"[drl] model {cfg.model.pretrained} | {adapter} | {trainable:,} trainable params | reward "
+        f"{run.reward_fn.name} | credit {getattr(run.assigner, 'name', 'custom')}"
+        + (f" | EMA decay {cfg.train.ema_decay}" if run.ema else "")
+    )
+
+
+def evaluate_before(run: Run, known: dict | None) -> dict | None:
+    """The held-out evaluation of the starting model (only when a run starts, not on resume)."""
+    if not run.cfg.eval.prompts or run.start_epoch > 0:
+        return None
+    result = dict(known) if known is not None else evaluate_model(run, "before")
+    run.writer.scalars("eval", result, 0)
+    if run.main:
+        print(f"[drl] eval before training: {run.eval_reward.name} = {result['mean']:.4f}")
+    return result
+
+
+# ================================================================================================
+# 1. sampling
+# ================================================================================================
+
+
+def sample_epoch(run: Run, epoch: int, scorer: rewards.AsyncScorer | None) -> EpochSamples:
+    """Sample this process's trajectories for `epoch`, score them, and gather the rewards of all processes."""
+    cfg, K = run.cfg, run.cfg.sample.images_per_prompt
+    t_start = time.perf_counter()
+    run.unet.eval()
+    batches = run.sampler.epoch_indices(epoch, cfg.sample.num_batches_per_epoch, cfg.sample.batch_size // K)
+    trajectories, pending, prompts_local = [], [], []
+    for b, prompt_ids in enumerate(tqdm(batches, desc=f"epoch {epoch} sampling", disable=not run.main, leave=False)):
+        prompts = [run.prompt_set.prompts[i] for i in prompt_ids for _ in range(K)]  # K consecutive samples per prompt
+        metadata = [run.prompt_set.metadata[i] for i in prompt_ids for _ in range(K)]
+        generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, run.rank, b, j))
+                      for j in range(len(prompts))]
+        batch = sample_trajectories(
+            run.pipe, run.unet, prompts, generators, run.num_steps, cfg.sample.guidance_scale, cfg.sample.eta,
+            cfg.sample.negative_prompt, autocast=run.accelerator.autocast,
         )
-    return changed
+        images = batch.images.cpu()
+        # Score in the worker thread while the next batch samples (or right away when overlap is off).
+        pending.append(scorer.submit(images, prompts, metadata) if scorer else run.reward_fn(images, prompts, metadata))
+        trajectories.append(batch)
+        prompts_local += prompts
+    t_sampled = time.perf_counter()
+    scored = [p.result() if scorer else p for p in pending]
+    t_scored = time.perf_counter()
+
+    acc, device = run.accelerator, run.accelerator.device
+    rewards_all = acc.gather(torch.cat([s for s, _ in scored]).float().to(device)).cpu()  # [N * world]
+    prompts_all = gather_object(prompts_local)
+    components_all = {
+        name: acc.gather(torch.cat([info["components"][name] for _, info in scored]).float().to(device)).cpu()
+        for name in scored[0][1].get("components") or {}
+    }
+    valid = torch.isfinite(rewards_all)
+    _check_unscorable(cfg, run.reward_fn.name, rewards_all, valid, prompts_all, epoch)
+    return EpochSamples(
+        trajectories=Trajectories.cat(trajectories), prompts=prompts_local, prompts_all=prompts_all,
+        rewards_all=rewards_all, valid=valid, components_all=components_all,
+        sample_s=t_sampled - t_start, reward_wait_s=t_scored - t_sampled,
+    )
+
+
+def _check_unscorable(cfg: RunConfig, name: str, scores: torch.Tensor, valid: torch.Tensor, prompts: list[str],
+                      epoch: int) -> None:
+    n_bad = int((~valid).sum())
+    if n_bad and cfg.reward.nonfinite == "error":
+        examples = [prompts[i] for i in torch.nonzero(~valid).flatten().tolist()[:3]]
+        raise rewards.RewardError(
+            f"reward {name!r} returned {n_bad} non-finite score(s) in epoch {epoch} (e.g. for prompts {examples}); "
+            "fix the reward or set reward.nonfinite=mask to skip such samples"
+        )
+    if n_bad / len(valid) > cfg.reward.max_unscorable_fraction:
+        raise rewards.RewardError(
+            f"reward {name!r}: {n_bad}/{len(valid)} samples unscorable in epoch {epoch}, more than "
+            f"reward.max_unscorable_fraction={cfg.reward.max_unscorable_fraction}"
+        )
+
+
+# ================================================================================================
+# 2. advantages and credit
+# ================================================================================================
+
+
+def compute_advantages(run: Run, samples: EpochSamples, epoch: int):
+    """Stage 1 (per-prompt or batch standardisation, clipped) over all processes, then the credit assigner.
+    Returns (this process's per-step advantages [N, T] in true sampling order, the CreditResult over all
+    processes, the gathered similarity curves [N * world, T+1])."""
+    a, acc = run.cfg.advantage, run.accelerator
+    valid = samples.valid
+    if run.component_weights:  # advantage-level combination: normalise each reward, then weight
+        adv = sum(
+            w * run.trackers[name].update(samples.prompts_all, torch.where(valid, samples.components_all[name], torch.nan))
+            for name, w in run.component_weights.items()
+        )
+    elif a.per_prompt_stat_tracking:
+        adv = run.trackers["reward"].update(samples.prompts_all, samples.rewards_all)
+    else:
+        adv = grpo.batch_advantages(samples.rewards_all, scale_std=a.scale_std)
+    adv = grpo.clip_advantages(torch.where(valid, adv, 0.0), a.clip)  # [N * world]
+    local = samples.trajectories
+    ctx = credit.CreditContext(
+        advantages=adv,
+        similarities=acc.gather(local.similarities.to(acc.device)).cpu(),  # [N * world, T+1]
+        timesteps=acc.gather(local.timesteps.to(acc.device)).cpu(),  # [N * world, T]
+        prompts=samples.prompts_all,
+        valid=valid,
+    )
+    credit_result = run.assigner(ctx)
+    step_adv = credit_result.step_advantages.reshape(run.world, len(local), run.num_steps)[run.rank]  # [N, T]
+    return step_adv, credit_result, ctx.similarities
+
+
+# ================================================================================================
+# 3. training
+# ================================================================================================
 
 
 def training_view(
@@ -116,359 +435,193 @@ def training_view(
     }
 
 
-def train(
-    cfg: RunConfig,
-    reward_fn: Callable | None = None,
-    credit_fn: Callable | None = None,
-    resume: str | None = None,
-    eval_before: dict | None = None,
-) -> TrainResult:
-    """Run `cfg`. `reward_fn(images, prompts, metadata) -> (scores, info)` and `credit_fn(ctx) -> [N, T]`
-    override the configured reward and credit assigner (the Python API for reward-shaping experiments).
-    `eval_before` is a result of the before-training evaluation that is already known (for instance from an
-    earlier run of a sweep with the same model, eval and sampling settings: the untrained model is the base
-    model whatever the seed); it is logged as given, and no before-grid is drawn."""
-    out = Path(cfg.output_dir)
-    T = cfg.sample.num_steps
-    k_train = cfg.num_train_timesteps()
-    # accelerate keeps one process-wide state; each train() call configures it afresh (sweeps in one
-    # process may change mixed precision), keeping the distributed process group (PartialState).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        # Without CUDA, a multi-process launch (torchrun / accelerate launch --multi_gpu) runs gloo on the CPU.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps * k_train,
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    set_seed(cfg.seed, device_specific=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
-
-    # ---------------------------------------------------------------- model, optimizer
-    pipe = load_pipeline(
-        cfg.model.pretrained, cfg.model.revision, cfg.model.dtype, cfg.model.local_files_only, cfg.model.seed
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(accelerator.device)
-    set_attention_backend(pipe.unet, cfg.model.attention)
-    params = prepare_trainable_unet(
-        pipe, cfg.model.use_lora, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_target_modules
-    )
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.train.learning_rate,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        weight_decay=cfg.train.adam_weight_decay,
-        eps=cfg.train.adam_epsilon,
-    )
-    # Prepare the module that owns the LoRA parameters *and* runs the forward, so DDP syncs them.
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
-    # Not handed to accelerate (whose wrapper steps it once per process): the lr is a function of the global
-    # step, stepped after each optimizer step and fast-forwarded on resume.
-    lr_scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.train.lr_schedule == "constant" else cfg.train.lr_schedule,
-        optimizer,
-        num_warmup_steps=cfg.train.lr_warmup_steps,
-        num_training_steps=cfg.num_optimizer_steps(),
-    )
-
-    # ---------------------------------------------------------------- reward, credit, prompts, trackers
-    if reward_fn is None:
-        reward_fn = _load_reward(cfg)
-    elif not isinstance(reward_fn, rewards.RewardFn):
-        reward_fn = rewards.CallableReward(getattr(reward_fn, "__name__", "custom_reward"), reward_fn)
-    assigner = (
-        credit.as_credit_assigner(credit_fn)
-        if credit_fn is not None
-        else credit.make_credit(cfg.credit.kind, **_credit_options(cfg))
-    )
-    prompt_set = load_prompts(cfg.prompts)
-    sampler = PromptSampler(prompt_set, cfg.seed, world, rank)
-    adv_cfg = cfg.advantage
-    component_weights = dict(getattr(reward_fn, "weights", {})) if cfg.reward.combine == "advantage" else {}
-    trackers = {
-        name: grpo.PerPromptStatTracker(adv_cfg.buffer_size, adv_cfg.min_count, adv_cfg.scale_std)
-        for name in (component_weights or {"reward": 1.0})
+def train_epoch(run: Run, trajectories: Trajectories, step_adv: torch.Tensor, epoch: int) -> dict[str, float]:
+    """The inner PPO epochs over this epoch's trajectories; returns the loss metrics averaged over micro-steps
+    (ratio_min / ratio_max: the true extremes), the mean pre-clip gradient norm and the update count."""
+    cfg = run.cfg
+    run.unet.train()
+    sums, extremes, n_micro, grad_norms = {}, {"ratio_min": float("inf"), "ratio_max": -float("inf")}, 0, []
+    # the trainable steps are the first T - skip_final_steps; training_view keeps true step indices
+    trainable_adv = step_adv[:, : run.num_steps - cfg.train.skip_final_steps]  # [N, T - skip]
+    for inner in range(cfg.train.num_inner_epochs):
+        shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, run.rank, 1_000_000 + inner))
+        view = training_view(trajectories, trainable_adv, run.steps_trained, cfg.train.timestep_selection, shuffle)
+        for start in tqdm(range(0, len(trajectories), cfg.train.batch_size), desc=f"epoch {epoch} training",
+                          disable=not run.main, leave=False):
+            micro = slice(start, start + cfg.train.batch_size)
+            for j in range(run.steps_trained):
+                loss, metrics = _train_step(run, view, micro, j)
+                for key, value in metrics.items():
+                    if key in extremes:
+                        extremes[key] = (min if key == "ratio_min" else max)(extremes[key], float(value))
+                    else:
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                n_micro += 1
+                if run.accelerator.sync_gradients:
+                    grad_norm = run.guard.step(loss, where=f"(epoch {epoch})")
+                    if grad_norm is not None:
+                        grad_norms.append(grad_norm)
+                        if run.ema:
+                            run.ema.update()
+    return {
+        **{k: v / max(n_micro, 1) for k, v in sums.items()},
+        **(extremes if n_micro else {}),
+        "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+        "updates": len(grad_norms),
     }
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, global_step, skipped_total = 0, 0, 0
-    if resume:
-        ckpt = checkpoint.find_checkpoint(resume, out)
-        state = checkpoint.load_trainer_state(ckpt)
-        if state["world_size"] != world:
-            raise ResumeError(
-                f"checkpoint {ckpt} was written by {state['world_size']} process(es), this run has {world}; "
-                "resume with the same number of processes (the batch geometry depends on it)"
-            )
-        changed = _check_resume_config(state["config"], cfg)
-        if changed and main:
-            print(f"[drl] warning: resuming with changed settings in {changed}; the config file value is used")
-        accelerator.load_state(str(ckpt))
-        for name, tracker in trackers.items():
-            tracker.load_state_dict(state["trackers"][name])
-        if hasattr(assigner, "load_state_dict") and state.get("credit") is not None:
-            assigner.load_state_dict(state["credit"])
-        sampler.load_state_dict(state["prompt_sampler"])
-        start_epoch, global_step, skipped_total = state["epochs_done"], state["global_step"], state["nonfinite_skipped"]
-        with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(global_step):
-                lr_scheduler.step()
-        if main:
-            print(f"[drl] resumed from {ckpt} at epoch {start_epoch}, global step {global_step}")
 
-    # ---------------------------------------------------------------- start-up summary
-    geo = cfg.geometry(world)
-    writer = tb.Writer(out / "tensorboard") if main else None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-        trainable = sum(p.numel() for p in params)
-        print(f"[drl] run directory: {out.resolve()}")
-        print(
-            f"[drl] {world} process(es) | samples/epoch {geo['samples_per_epoch']} "
-            f"({geo['prompts_per_epoch']} prompts x {cfg.sample.images_per_prompt}) | trained steps/trajectory "
-            f"{k_train}/{T} | updates/epoch {geo['updates_per_epoch']} | effective batch "
-            f"{geo['effective_batch_trajectories']} trajectories = {geo['effective_batch_transitions']} transitions"
+def _train_step(run: Run, view: dict, micro: slice, j: int) -> tuple[torch.Tensor, dict]:
+    """One trained step j of one micro-batch: recompute log pi_theta (and log pi_ref), loss, backward."""
+    cfg, acc = run.cfg, run.accelerator
+    transition = (view["latents"][micro, j], view["next_latents"][micro, j], view["timesteps"][micro, j],
+                  view["prompt_embeds"][micro], view["negative_embeds"][micro])
+    with acc.accumulate(run.unet):
+        with acc.autocast():
+            logp = recompute_log_prob(run.pipe, run.unet, *transition, cfg.sample.guidance_scale, cfg.sample.eta)
+            # under the same autocast as the policy forward, so the KL is exactly 0 at initialisation
+            logp_ref = _reference_log_prob(run, transition)
+        loss, metrics = grpo.policy_loss(
+            logp.log_prob[:, None],  # [b, 1] fp32
+            view["log_probs"][micro, j][:, None].to(acc.device),
+            view["advantages"][micro, j][:, None].to(acc.device),
+            clip_low=cfg.train.clip_range,
+            clip_high=cfg.train.clip_range_high or cfg.train.clip_range,
+            adv_clip=cfg.advantage.clip,
+            aggregation=cfg.train.loss_aggregation,
+            constant_divisor=float(cfg.train.batch_size) if cfg.train.loss_aggregation == "constant" else None,
+            logp_ref=logp_ref,
+            kl_coef=cfg.train.kl_coef,
+            kl_estimator=cfg.train.kl_estimator,
         )
-        print(
-            f"[drl] model {cfg.model.pretrained} | {'LoRA r=' + str(cfg.model.lora_rank) if cfg.model.use_lora else 'full UNet'} "
-            f"| {trainable:,} trainable params | reward {reward_fn.name} | credit {getattr(assigner, 'name', 'custom')}"
+        acc.backward(loss)
+    return loss, metrics
+
+
+def _reference_log_prob(run: Run, transition: tuple) -> torch.Tensor | None:
+    """log pi_ref [b, 1] of the stored transition under the UNet with LoRA disabled (no second UNet in memory)."""
+    if run.cfg.train.kl_coef == 0:
+        return None
+    unet = run.pipe.unet
+    with torch.no_grad():
+        unet.disable_adapters()
+        try:
+            ref = recompute_log_prob(run.pipe, unet, *transition, run.cfg.sample.guidance_scale, run.cfg.sample.eta)
+        finally:
+            unet.enable_adapters()
+    return ref.log_prob[:, None]
+
+
+# ================================================================================================
+# 4. logging, evaluation, checkpoints
+# ================================================================================================
+
+
+def epoch_record(run: Run, epoch: int, samples: EpochSamples, credit_result, losses: dict, timings: dict) -> dict:
+    """The metrics of one epoch, by TensorBoard group."""
+    T, k = run.num_steps, run.steps_trained
+    finite = samples.rewards_all[samples.valid]
+    losses = dict(losses)
+    losses.pop("updates")
+    record = {
+        "epoch": epoch,
+        "global_step": run.guard.global_step,
+        "reward/mean": float(finite.mean()) if len(finite) else float("nan"),
+        "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
+        "reward/unscorable": int((~samples.valid).sum()),
+        "reward/frac_zero_std_groups": grpo.frac_zero_std_groups(samples.prompts_all, samples.rewards_all),
+        "loss/learning_rate": run.lr_scheduler.get_last_lr()[0],  # after the epoch's last update
+        **{f"loss/{key}": value for key, value in losses.items()},
+        "loss/nonfinite_skipped_total": run.guard.nonfinite_skipped,
+        "loss/overflow_skipped_total": run.guard.overflow_skipped,
+        "credit/steps_trained_per_trajectory": k,
+        "credit/steps_skipped_per_trajectory": T - k,
+        **{f"credit/share_{key}": v for key, v in credit.credit_shares(credit_result.contributions).items()},
+        **{f"perf/{key}": v for key, v in timings.items()},
+        "perf/samples_per_s": len(samples.rewards_all) / max(timings["epoch_s"], 1e-9),
+    }
+    for name, scores in samples.components_all.items():
+        record[f"reward/{name}"] = float(scores[samples.valid].nanmean())
+    return record
+
+
+def log_epoch(run: Run, epoch: int, record: dict, samples: EpochSamples, credit_result, similarities) -> None:
+    run.writer.epoch(record, epoch + 1)
+    run.writer.credit(credit_result, similarities, epoch + 1)
+    if not run.main:
+        return
+    every = run.cfg.logging.image_every
+    if every and (epoch + 1) % every == 0:
+        n = run.cfg.logging.num_images
+        run.writer.images(samples.trajectories.images[:n], samples.prompts, run.out / "images", epoch + 1)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    _append_credit_profile(run.out, epoch, credit_result)
+    print(
+        f"[drl] epoch {epoch}: reward {record['reward/mean']:.4f} +- {record['reward/std']:.4f} | "
+        f"clipfrac {record.get('loss/clipfrac', 0):.3f} | approx_kl {record.get('loss/approx_kl', 0):.2e} | "
+        f"{record['perf/epoch_s']:.1f} s"
+        + (f" | eval {record['eval/mean']:.4f}" if "eval/mean" in record else "")
+    )
+
+
+def _eval_due(cfg: RunConfig, epoch: int) -> bool:
+    """Periodic evaluation after `epoch` (the last epoch's is the after-training evaluation in `finish`)."""
+    e = cfg.eval
+    return bool(e.prompts and e.every and (epoch + 1) % e.every == 0 and epoch + 1 < cfg.num_epochs)
+
+
+def evaluate_model(run: Run, tag: str | None = None) -> dict:
+    """Fixed-seed sampling on the held-out prompts (diffusion_rl.evaluation), with the EMA weights when kept;
+    with a `tag`, the grid is saved as images/eval_<tag>.png (and the prompts beside it)."""
+    cfg = run.cfg
+    prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
+    with run.ema.applied() if run.ema else contextlib.nullcontext():
+        results, images, expanded = evaluate(
+            run.pipe, run.unet, prompts, [run.eval_reward], cfg.eval.seed, cfg.eval.images_per_prompt,
+            cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta, max(cfg.sample.batch_size, 16),
+            cfg.sample.negative_prompt,
         )
-        writer.hparams(cfg, geo)
+    if tag is not None and run.main:
+        (run.out / "images").mkdir(parents=True, exist_ok=True)
+        image_grid(images[:EVAL_GRID_IMAGES], nrow=EVAL_GRID_COLUMNS).save(run.out / "images" / f"eval_{tag}.png")
+    return results[run.eval_reward.name]
 
-    result = TrainResult(output_dir=out, process_index=rank)
-    eval_reward = _load_eval_reward(cfg, reward_fn)
-    if cfg.eval.prompts and start_epoch == 0:
-        result.eval_before = (
-            dict(eval_before) if eval_before is not None
-            else _evaluate(cfg, pipe, unet, eval_reward, out if main else None, "before")
-        )
-        if main:
-            writer.scalars("eval", result.eval_before, 0)
-            print(f"[drl] eval before training: {eval_reward.name} = {result.eval_before['mean']:.4f}")
 
-    scorer = rewards.AsyncScorer(reward_fn) if cfg.reward.overlap else None
-    consecutive_bad = 0
-    autocast = accelerator.autocast
-    for epoch in range(start_epoch, cfg.num_epochs):
-        t_epoch = time.perf_counter()
-        # ============================================================ 1. SAMPLING
-        unet.eval()
-        K = cfg.sample.images_per_prompt
-        batches = sampler.epoch_indices(epoch, cfg.sample.num_batches_per_epoch, cfg.sample.batch_size // K)
-        trajs, pending, prompts_local, meta_local = [], [], [], []
-        for b, idx in enumerate(tqdm(batches, desc=f"epoch {epoch} sampling", disable=not main, leave=False)):
-            prompts = [prompt_set.prompts[i] for i in idx for _ in range(K)]  # K consecutive samples per prompt
-            metadata = [prompt_set.metadata[i] for i in idx for _ in range(K)]
-            gens = [
-                torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, b, j)) for j in range(len(prompts))
-            ]
-            traj = sample_trajectories(
-                pipe, unet, prompts, gens, T, cfg.sample.guidance_scale, cfg.sample.eta,
-                cfg.sample.negative_prompt, autocast=autocast,
-            )
-            images = traj.images.cpu()
-            # Score in the worker thread while the next batch samples (or right away when overlap is off).
-            pending.append(scorer.submit(images, prompts, metadata) if scorer else reward_fn(images, prompts, metadata))
-            trajs.append(traj)
-            prompts_local += prompts
-            meta_local += metadata
-        t_sampled = time.perf_counter()
-        scored = [p.result() if scorer else p for p in pending]
-        t_scored = time.perf_counter()
-        samples = Trajectories.cat(trajs)  # local, N = batch_size * num_batches
-        N = len(samples)
-        rewards_local = torch.cat([s for s, _ in scored]).float()  # [N]
+def save_checkpoint(run: Run, epochs_done: int) -> None:
+    """Collective: accelerate's state on every rank, the trainer state beside it (`TrainerState`)."""
+    g, cfg = run.guard, run.cfg
+    state = TrainerState(
+        epochs_done=epochs_done, global_step=g.global_step, nonfinite_skipped=g.nonfinite_skipped,
+        overflow_skipped=g.overflow_skipped, world_size=run.world, config=cfg.model_dump(mode="json"),
+        config_hash=cfg.hash(), versions=_versions(),
+    )
+    state_dict, tensors = state.to_dict(run.stateful())
+    checkpoint.save(run.accelerator, run.out / "checkpoints", epochs_done, state_dict, dump_config(cfg),
+                    cfg.checkpoint.keep_last, tensors)
 
-        # ============================================================ 2. ADVANTAGES (over all processes)
-        dev = accelerator.device
-        rewards_all = accelerator.gather(rewards_local.to(dev)).cpu()  # [N * world], process order
-        prompts_all = gather_object(prompts_local)
-        valid = torch.isfinite(rewards_all)
-        n_bad = int((~valid).sum())
-        if n_bad and cfg.reward.nonfinite == "error":
-            bad = [prompts_all[i] for i in torch.nonzero(~valid).flatten().tolist()[:3]]
-            raise rewards.RewardError(
-                f"reward {reward_fn.name!r} returned {n_bad} non-finite score(s) in epoch {epoch} "
-                f"(e.g. for prompts {bad}); fix the reward or set reward.nonfinite=mask to skip such samples"
-            )
-        if n_bad / len(valid) > cfg.reward.max_unscorable_fraction:
-            raise rewards.RewardError(
-                f"reward {reward_fn.name!r}: {n_bad}/{len(valid)} samples unscorable in epoch {epoch}, more than "
-                f"reward.max_unscorable_fraction={cfg.reward.max_unscorable_fraction}"
-            )
-        components_all = {  # multi-reward: each component's raw scores over all processes
-            name: accelerator.gather(torch.cat([i["components"][name] for _, i in scored]).float().to(dev)).cpu()
-            for name in scored[0][1].get("components") or {}
-        }
-        if component_weights:  # advantage-level combination: normalise each reward, then weight
-            adv = sum(
-                w * trackers[n].update(prompts_all, torch.where(valid, components_all[n], torch.nan))
-                for n, w in component_weights.items()
-            )
-        elif adv_cfg.per_prompt_stat_tracking:
-            adv = trackers["reward"].update(prompts_all, rewards_all)
-        else:
-            adv = grpo.batch_advantages(rewards_all, scale_std=adv_cfg.scale_std)
-        adv = grpo.clip_advantages(torch.where(valid, adv, 0.0), adv_cfg.clip)  # [N * world]
-        ctx = credit.CreditContext(
-            advantages=adv,
-            similarities=accelerator.gather(samples.similarities.to(dev)).cpu(),  # [N * world, T+1]
-            timesteps=accelerator.gather(samples.timesteps.to(dev)).cpu(),
-            prompts=prompts_all,
-            valid=valid,
-        )
-        cres = assigner(ctx)
-        step_adv = cres.step_advantages.reshape(world, N, T)[rank]  # [N, T] this process's rows, true order
 
-        # ============================================================ 3. TRAINING
-        unet.train()
-        sums: dict[str, float] = {}
-        n_micro = 0
-        # the trainable steps are the first T - skip_final_steps; training_view keeps true step indices
-        trainable_adv = step_adv[:, : T - cfg.train.skip_final_steps]  # [N, T - skip]
-        for inner in range(cfg.train.num_inner_epochs):
-            g = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1_000_000 + inner))
-            view = training_view(samples, trainable_adv, k_train, cfg.train.timestep_selection, g)
-            lat, nxt, ts, old_lp, a = view["latents"], view["next_latents"], view["timesteps"], view["log_probs"], view["advantages"]
-            pe, ne = view["prompt_embeds"], view["negative_embeds"]
-            for b0 in tqdm(range(0, N, cfg.train.batch_size), desc=f"epoch {epoch} training", disable=not main, leave=False):
-                mb = slice(b0, b0 + cfg.train.batch_size)
-                for j in range(k_train):
-                    with accelerator.accumulate(unet):
-                        with autocast():
-                            out_step = recompute_log_prob(
-                                pipe, unet, lat[mb, j], nxt[mb, j], ts[mb, j], pe[mb], ne[mb],
-                                cfg.sample.guidance_scale, cfg.sample.eta,
-                            )
-                        logp_ref = _reference_log_prob(cfg, pipe, lat[mb, j], nxt[mb, j], ts[mb, j], pe[mb], ne[mb])
-                        loss, metrics = grpo.policy_loss(
-                            out_step.log_prob[:, None],  # [b, 1]
-                            old_lp[mb, j][:, None].to(dev),
-                            a[mb, j][:, None].to(dev),
-                            clip_low=cfg.train.clip_range,
-                            clip_high=cfg.train.clip_range_high or cfg.train.clip_range,
-                            adv_clip=adv_cfg.clip,
-                            aggregation=cfg.train.loss_aggregation,
-                            constant_divisor=float(cfg.train.batch_size) if cfg.train.loss_aggregation == "constant" else None,
-                            logp_ref=logp_ref,
-                            kl_coef=cfg.train.kl_coef,
-                            kl_estimator=cfg.train.kl_estimator,
-                        )
-                        accelerator.backward(loss)
-                        for key, v in metrics.items():
-                            sums[key] = sums.get(key, 0.0) + float(v)
-                        n_micro += 1
-                        if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                            # Decide on all ranks together: any non-finite loss or gradient skips the step.
-                            bad = torch.tensor(
-                                [float(not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))))], device=dev
-                            )
-                            if accelerator.reduce(bad, reduction="sum").item() > 0:
-                                skipped_total += 1
-                                consecutive_bad += 1
-                                if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                                    raise NonFiniteTrainingError(
-                                        f"{consecutive_bad} optimizer steps in a row had a non-finite loss or gradient "
-                                        f"(epoch {epoch}, global step {global_step}); lower train.learning_rate or "
-                                        "train.max_grad_norm, or check the reward for inf values"
-                                    )
-                            else:
-                                optimizer.step()
-                                if not all(torch.isfinite(p).all() for p in params):
-                                    raise NonFiniteTrainingError(
-                                        f"trainable parameters became non-finite at global step {global_step} "
-                                        f"(epoch {epoch}); lower train.learning_rate"
-                                    )
-                                lr_scheduler.step()
-                                global_step += 1
-                                consecutive_bad = 0
-                                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-                                sums["updates"] = sums.get("updates", 0.0) + 1
-                            optimizer.zero_grad(set_to_none=True)
-        t_trained = time.perf_counter()
-
-        # ============================================================ 4. LOGGING, EVAL, CHECKPOINT
-        n_updates = max(sums.pop("updates", 0.0), 1.0)
-        finite_rewards = rewards_all[valid]
-        record = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "reward/mean": float(finite_rewards.mean()) if len(finite_rewards) else float("nan"),
-            "reward/std": float(finite_rewards.std()) if len(finite_rewards) > 1 else 0.0,
-            "reward/unscorable": n_bad,
-            "reward/frac_zero_std_groups": _frac_zero_std(prompts_all, rewards_all),
-            "loss/grad_norm": sums.pop("grad_norm", 0.0) / n_updates,
-            "loss/learning_rate": lr_scheduler.get_last_lr()[0],  # after the epoch's last update
-            **{f"loss/{k}": v / max(n_micro, 1) for k, v in sums.items()},
-            "loss/nonfinite_skipped_total": skipped_total,
-            "credit/steps_trained_per_trajectory": k_train,
-            "credit/steps_skipped_per_trajectory": T - k_train,
-            **{f"credit/share_{k}": v for k, v in credit.credit_shares(cres.contributions).items()},
-            "perf/sample_s": t_sampled - t_epoch,
-            "perf/reward_wait_s": t_scored - t_sampled,
-            "perf/train_s": t_trained - t_scored,
-            "perf/epoch_s": t_trained - t_epoch,
-            "perf/samples_per_s": N * world / max(t_trained - t_epoch, 1e-9),
-        }
-        for name, comp in components_all.items():
-            record[f"reward/{name}"] = float(comp[valid].nanmean())
-        if cfg.eval.prompts and cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < cfg.num_epochs:
-            ev = _evaluate(cfg, pipe, unet, eval_reward)
-            record.update({f"eval/{k}": v for k, v in ev.items()})
-        if main:
-            writer.epoch(record, epoch + 1)
-            writer.credit(cres, ctx.similarities, epoch + 1)
-            if cfg.logging.image_every and (epoch + 1) % cfg.logging.image_every == 0:
-                writer.images(samples.images[: cfg.logging.num_images], prompts_local, out / "images", epoch + 1)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _append_credit_profile(out, epoch, cres)
-            print(
-                f"[drl] epoch {epoch}: reward {record['reward/mean']:.4f} +- {record['reward/std']:.4f} | "
-                f"clipfrac {record.get('loss/clipfrac', 0):.3f} | approx_kl {record.get('loss/approx_kl', 0):.2e} | "
-                f"{record['perf/epoch_s']:.1f} s"
-            )
-        result.history.append(record)
-        last = epoch + 1 == cfg.num_epochs
-        if (cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0) or last:
-            state = {
-                "epochs_done": epoch + 1,
-                "global_step": global_step,
-                "nonfinite_skipped": skipped_total,
-                "world_size": world,
-                "trackers": {n: t.state_dict() for n, t in trackers.items()},
-                "credit": assigner.state_dict() if hasattr(assigner, "state_dict") else None,
-                "prompt_sampler": sampler.state_dict(),
-                "config": cfg.model_dump(mode="json"),
-                "config_hash": cfg.hash(),
-                "versions": _versions(),
-            }
-            checkpoint.save(accelerator, out / "checkpoints", epoch + 1, state, dump_config(cfg), cfg.checkpoint.keep_last)
-
-    if scorer:
-        scorer.close()
+def finish(run: Run, result: TrainResult) -> None:
+    """After the last epoch: the EMA weights (when kept) become the model's, the after-training evaluation and
+    the before/after figure, the trained weights saved; `result.pipeline` is ready to sample."""
+    cfg = run.cfg
+    if run.ema:
+        run.ema.copy_to_params()
     if cfg.eval.prompts:
-        result.eval_after = _evaluate(cfg, pipe, unet, eval_reward, out if main else None, "after")
-        if main:
-            writer.scalars("eval", result.eval_after, cfg.num_epochs)
-            print(f"[drl] eval after training: {eval_reward.name} = {result.eval_after['mean']:.4f}")
-            if result.eval_before is not None and (out / "images" / "eval_before.png").exists():
-                _before_after_figure(out, eval_reward.name, result.eval_before, result.eval_after)
-    accelerator.wait_for_everyone()
-    if main:
-        raw = accelerator.unwrap_model(unet)
-        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora, out / ("lora" if cfg.model.use_lora else "."))
-        writer.close()
-        print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    result.pipeline = pipe
-    return result
+        result.eval_after = evaluate_model(run, "after")
+        run.writer.scalars("eval", result.eval_after, cfg.num_epochs)
+        if run.main:
+            print(f"[drl] eval after training: {run.eval_reward.name} = {result.eval_after['mean']:.4f}")
+            if result.eval_before is not None and (run.out / "images" / "eval_before.png").exists():
+                _before_after_figure(run, result.eval_before, result.eval_after)
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        raw = run.accelerator.unwrap_model(run.unet)
+        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora, run.out / ("lora" if cfg.model.use_lora else "."))
+        print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    result.pipeline = run.pipe
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,10 +629,29 @@ def train(
 # ------------------------------------------------------------------------------------------------
 
 
+class _Trackers:
+    """The per-reward stat trackers as one checkpointed component."""
+
+    def __init__(self, trackers: dict[str, grpo.PerPromptStatTracker]):
+        self.trackers = trackers
+
+    def state_dict(self) -> dict:
+        return {name: t.state_dict() for name, t in self.trackers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, tracker in self.trackers.items():
+            tracker.load_state_dict(state[name])
+
+
+def _as_reward(fn: Callable) -> rewards.RewardFn:
+    return fn if isinstance(fn, rewards.RewardFn) else rewards.CallableReward(getattr(fn, "__name__", "custom_reward"), fn)
+
+
 def _load_reward(cfg: RunConfig) -> rewards.RewardFn:
     r = cfg.reward
     if r.components:
-        specs = [{"name": c.name, "weight": c.weight, **({"label": c.label} if c.label else {}), **c.options} for c in r.components]
+        specs = [{"name": c.name, "weight": c.weight, **({"label": c.label} if c.label else {}), **c.options}
+                 for c in r.components]
         return rewards.load_multi(specs, mode=r.combine)
     return rewards.load(r.name, **r.options)
 
@@ -500,69 +672,33 @@ def _credit_options(cfg: RunConfig) -> dict:
     }
 
 
-def _reference_log_prob(cfg, pipe, lat, nxt, ts, pe, ne) -> torch.Tensor | None:
-    """log pi_ref of the stored transition under the UNet with LoRA disabled (no second UNet in memory)."""
-    if cfg.train.kl_coef == 0:
-        return None
-    with torch.no_grad():
-        pipe.unet.disable_adapters()
-        try:
-            ref = recompute_log_prob(pipe, pipe.unet, lat, nxt, ts, pe, ne, cfg.sample.guidance_scale, cfg.sample.eta)
-        finally:
-            pipe.unet.enable_adapters()
-    return ref.log_prob[:, None]
-
-
-def _evaluate(cfg: RunConfig, pipe, unet, reward_fn, out: Path | None = None, tag: str = "") -> dict:
-    """Fixed-seed sampling on the held-out prompts (diffusion_rl.evaluation); optionally saves a grid."""
+def _before_after_figure(run: Run, before: dict, after: dict) -> None:
+    """images/eval_before_after.png: the two eval grids (same prompts, same seeds) side by side, every image
+    labelled with its prompt, the scores on top. Read back from the saved grids, so a resumed run draws it too."""
+    cfg, images_dir = run.cfg, run.out / "images"
     prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
-    results, images, _ = evaluate(
-        pipe, unet, prompts, [reward_fn], cfg.eval.seed, cfg.eval.images_per_prompt, cfg.sample.num_steps,
-        cfg.sample.guidance_scale, cfg.sample.eta, max(cfg.sample.batch_size, 16), cfg.sample.negative_prompt,
-    )
-    if out is not None:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        image_grid(images[:64], nrow=8).save(out / "images" / f"eval_{tag}.png")
-    return results[reward_fn.name]
+    labels = [p for p in prompts for _ in range(cfg.eval.images_per_prompt)][:EVAL_GRID_IMAGES]
+    panels = []
+    for tag, ev in (("before", before), ("after", after)):
+        cells = grid_cells(Image.open(images_dir / f"eval_{tag}.png"), len(labels), EVAL_GRID_COLUMNS)
+        panels.append((f"{tag}: {run.eval_reward.name} {ev['mean']:.3f}", labelled_grid(cells, labels)[0]))
+    side_by_side(panels).save(images_dir / "eval_before_after.png")
+    print(f"[drl] before/after eval images: {images_dir / 'eval_before_after.png'}")
 
 
-def _before_after_figure(out: Path, reward_name: str, before: dict, after: dict) -> None:
-    """images/eval_before_after.png: the two eval grids (same prompts, same seeds) side by side, scores on top."""
-    panels = [(f"{tag}: {reward_name} {ev['mean']:.3f}", Image.open(out / "images" / f"eval_{tag}.png"))
-              for tag, ev in (("before", before), ("after", after))]
-    side_by_side(panels).save(out / "images" / "eval_before_after.png")
-    print(f"[drl] before/after eval images: {out / 'images' / 'eval_before_after.png'}")
-
-
-def _frac_zero_std(prompts: list[str], values: torch.Tensor) -> float:
-    """Share of prompt groups whose rewards are all equal (they carry no learning signal)."""
-    groups: dict[str, list[float]] = {}
-    for p, v in zip(prompts, values.tolist(), strict=True):
-        groups.setdefault(p, []).append(v)
-    flat = [g for g in groups.values() if len(g) > 1 and max(g) - min(g) < 1e-12]
-    return len(flat) / max(len(groups), 1)
-
-
-def _append_credit_profile(out: Path, epoch: int, cres) -> None:
+def _append_credit_profile(out: Path, epoch: int, credit_result) -> None:
     row = {
         "epoch": epoch,
-        "mean_contribution": cres.contributions.mean(0).tolist(),
-        "mean_abs_step_advantage": cres.step_advantages.abs().mean(0).tolist(),
-        "info": {k: v for k, v in cres.info.items() if isinstance(v, (int, float, str))},
+        "mean_contribution": credit_result.contributions.mean(0).tolist(),
+        "mean_abs_step_advantage": credit_result.step_advantages.abs().mean(0).tolist(),
+        "info": {k: v for k, v in credit_result.info.items() if isinstance(v, (int, float, str))},
     }
     with open(out / "credit_profile.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def _versions() -> dict:
-    import accelerate
-    import diffusers
-    import peft
-    import transformers
-
     import diffusion_rl
 
-    return {
-        "drl": diffusion_rl.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
-    }
+    return {"drl": diffusion_rl.__version__,
+            **versions("torch", "diffusers", "transformers", "accelerate", "peft")}

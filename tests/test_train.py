@@ -54,7 +54,6 @@ def test_training_view_keeps_each_pair_with_its_own_advantage():
         next_latents=latents + 0.5,
         timesteps=torch.arange(T)[None].expand(N, T) * 100 + torch.arange(N)[:, None],
         log_probs=-torch.arange(N * T, dtype=torch.float32).reshape(N, T),
-        pred_x0=torch.zeros(N, T, 4, 2, 2),
         similarities=torch.zeros(N, T + 1),
         images=torch.zeros(N, 3, 4, 4),
     )
