@@ -2,7 +2,7 @@
 
     import rewards
     fn = rewards.load("jpeg_compressibility")
-    scores, info = fn(images, prompts, metadata)   # float32 [B] on CPU, NaN = unscorable
+    scores, info = fn(samples, prompts, metadata)  # samples: images today; float32 [B] on CPU, NaN = unscorable
 
 See docs/rewards.md for the reward table, preprocessing and formulas.
 """
@@ -10,7 +10,7 @@ See docs/rewards.md for the reward table, preprocessing and formulas.
 from rewards.async_scorer import AsyncScorer
 from rewards.base import CallableReward, RewardError, RewardFn, check_scores
 from rewards.hub import resolve
-from rewards.images import ImageBatch, to_float_tensor, to_pil_list, to_uint8_numpy
+from rewards.images import ImageBatch, ImageRewardFn, to_float_tensor, to_pil_list, to_uint8_numpy
 from rewards.multi import MultiReward, load_multi
 from rewards.registry import INFO, REGISTRY, RewardInfo, available, load, register
 
@@ -20,6 +20,7 @@ __all__ = [
     "AsyncScorer",
     "CallableReward",
     "ImageBatch",
+    "ImageRewardFn",
     "MultiReward",
     "RewardError",
     "RewardFn",

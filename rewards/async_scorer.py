@@ -1,6 +1,6 @@
 """Overlap reward scoring with sampling: score batch i in a worker thread while batch i+1 is sampled.
 
-``scorer = AsyncScorer(fn); fut = scorer.submit(images, prompts, metadata); scores, info = fut.result()``
+``scorer = AsyncScorer(fn); fut = scorer.submit(samples, prompts, metadata); scores, info = fut.result()``
 
 Results are identical to calling ``fn`` synchronously (same function, same inputs). Inputs that are
 tensors are snapshotted (detached, cloned to CPU when the caller might mutate them in place) so the
@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from rewards.base import RewardError, RewardFn
-from rewards.images import ImageBatch
+from rewards.base import _MISSING, RewardError, RewardFn, _pick_samples
 
 
 class AsyncScorer:
@@ -31,25 +30,30 @@ class AsyncScorer:
 
     def submit(
         self,
-        images: ImageBatch,
+        samples: Any = _MISSING,
         prompts: Sequence[str] | str | None = None,
         metadata: Sequence[dict] | None = None,
         *,
         copy: bool = True,
+        images: Any = _MISSING,
     ) -> Future[tuple[torch.Tensor, dict[str, Any]]]:
-        """Schedule ``fn(images, prompts, metadata)``; ``copy`` snapshots tensor/list inputs first."""
+        """Schedule ``fn(samples, prompts, metadata)``; ``copy`` snapshots tensor/list inputs first.
+
+        ``images=`` is accepted as the old keyword name of ``samples``.
+        """
+        samples = _pick_samples(samples, images)
         if self._closed:
             raise RewardError(f"AsyncScorer for reward {getattr(self.fn, 'name', '?')!r} is closed")
         if copy:
-            if isinstance(images, torch.Tensor):
-                images = images.detach().clone()
-            elif not isinstance(images, (str, bytes)) and isinstance(images, Sequence):
-                images = list(images)
+            if isinstance(samples, torch.Tensor):
+                samples = samples.detach().clone()
+            elif not isinstance(samples, (str, bytes)) and isinstance(samples, Sequence):
+                samples = list(samples)
             if prompts is not None and not isinstance(prompts, str):
                 prompts = list(prompts)
             if metadata is not None:
                 metadata = list(metadata)
-        return self._pool.submit(self.fn, images, prompts, metadata)
+        return self._pool.submit(self.fn, samples, prompts, metadata)
 
     def close(self, wait: bool = True) -> None:
         """Stop accepting work; wait for pending batches when ``wait``."""

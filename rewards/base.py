@@ -3,16 +3,25 @@
 Contract (ddpo-pytorch "reward factory" pattern, kvablack/ddpo-pytorch ``ddpo_pytorch/rewards.py``):
 a factory loads its models once and returns a callable
 
-    scores, info = fn(images, prompts, metadata)
+    scores, info = fn(samples, prompts, metadata)
 
-* ``images``: float tensor ``[B, 3, H, W]`` in ``[0, 1]`` (main case), uint8 numpy ``[B, H, W, 3]``
-  or a list of PIL images (see ``rewards.images``).
-* ``scores``: ``torch.float32`` tensor ``[B]`` on CPU. ``NaN`` means "this sample could not be
-  scored" (never 0). ``+-inf`` is a bug and raises.
+* ``samples``: a batch of B generated samples. Every reward in this package scores images today
+  (float tensor ``[B, 3, H, W]`` in ``[0, 1]``, uint8 numpy ``[B, H, W, 3]`` or a list of PIL images;
+  see ``rewards.images``, whose ``ImageRewardFn`` validates that layout), but the contract itself is
+  modality-free: a text reward takes a list of B strings. ``RewardFn`` only counts the samples
+  (``len`` of a sequence, first dimension of a tensor or array).
+* ``prompts``: B strings, or one string broadcast to every sample, or None (empty prompts).
+* ``metadata``: B dicts or None, passed through untouched.
+* ``scores``: ``torch.float32`` tensor ``[B]`` on CPU, one per sample. ``NaN`` means "this sample
+  could not be scored" (never 0). ``+-inf`` is a bug and raises.
 * ``info``: dict, may be empty. Multi-rewards put per-component scores in ``info["components"]``.
 
-Differentiable rewards also implement ``score_tensor(images, prompts) -> tensor[B]`` whose gradient
-reaches ``images`` (float ``[B, 3, H, W]`` in ``[0, 1]``, on the reward's device or any device).
+Differentiable rewards also implement ``score_tensor(samples, prompts) -> tensor[B]`` whose gradient
+reaches ``samples`` (for image rewards: float ``[B, 3, H, W]`` in ``[0, 1]``, on the reward's device or
+any device).
+
+Backward compatibility: the first argument used to be called ``images``; positional calls are
+unchanged and ``images=`` is still accepted as a keyword alias of ``samples``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rewards.images import ImageBatch, batch_size
+_MISSING: Any = object()
 
 
 class RewardError(RuntimeError):
@@ -33,6 +42,8 @@ class RewardError(RuntimeError):
 
 def check_scores(reward_name: str, scores: Any, batch_size: int) -> torch.Tensor:
     """Validate and normalise a reward's output to a ``torch.float32`` CPU tensor of shape ``[B]``.
+
+    ``batch_size`` is the number of samples scored (one score each).
 
     Accepts a list/tuple of numbers (``None`` becomes NaN), a numpy array or a torch tensor.
     Raises ``RewardError`` naming the reward, the batch size and what was wrong for a wrong length,
@@ -52,7 +63,7 @@ def check_scores(reward_name: str, scores: Any, batch_size: int) -> torch.Tensor
         t = _from_sequence(where, scores)
     elif isinstance(scores, (int, float)) and not isinstance(scores, bool):
         raise RewardError(
-            f"{where} returned a single number ({scores!r}); return one score per image, "
+            f"{where} returned a single number ({scores!r}); return one score per sample, "
             f"i.e. a sequence or tensor of length {batch_size}"
         )
     else:
@@ -67,12 +78,12 @@ def check_scores(reward_name: str, scores: Any, batch_size: int) -> torch.Tensor
     if t.ndim != 1:
         raise RewardError(
             f"{where} returned scores of shape {tuple(t.shape)}; expected a 1-D tensor of shape "
-            f"({batch_size},), one score per image"
+            f"({batch_size},), one score per sample"
         )
     if t.shape[0] != batch_size:
         raise RewardError(
-            f"{where} returned {t.shape[0]} scores for {batch_size} images; return exactly one "
-            f"score per image (NaN for an image that cannot be scored)"
+            f"{where} returned {t.shape[0]} scores for {batch_size} samples; return exactly one "
+            f"score per sample (NaN for a sample that cannot be scored)"
         )
     t = t.to(torch.float32).contiguous()
     bad = torch.isinf(t)
@@ -108,7 +119,7 @@ def _from_sequence(where: str, values: Sequence[Any]) -> torch.Tensor:
 
 
 def normalize_prompts(reward_name: str, prompts: Any, n: int) -> list[str]:
-    """Return ``n`` prompt strings: a single string is broadcast, ``None`` becomes ``""``."""
+    """Return ``n`` prompt strings (one per sample): a single string is broadcast, ``None`` becomes ``""``."""
     if prompts is None:
         return [""] * n
     if isinstance(prompts, str):
@@ -116,19 +127,46 @@ def normalize_prompts(reward_name: str, prompts: Any, n: int) -> list[str]:
     prompts = list(prompts)
     if len(prompts) != n:
         raise RewardError(
-            f"reward {reward_name!r} (batch size {n}) got {len(prompts)} prompts for {n} images; "
-            f"pass one prompt per image or a single string"
+            f"reward {reward_name!r} (batch size {n}) got {len(prompts)} prompts for {n} samples; "
+            f"pass one prompt per sample or a single string"
         )
     return ["" if p is None else str(p) for p in prompts]
 
 
-class RewardFn:
-    """Base class of every reward.
+def sample_count(samples: Any) -> int:
+    """Number of samples in a batch, whatever the modality: first dimension of a tensor or array,
+    ``len`` of any other sequence (a single string or bytes object is not a batch)."""
+    if isinstance(samples, (torch.Tensor, np.ndarray)):
+        if samples.ndim == 0:
+            raise ValueError("got a 0-d tensor/array; pass a batch with one entry per sample")
+        return int(samples.shape[0])
+    if isinstance(samples, (str, bytes)):
+        raise TypeError(f"got a single {type(samples).__name__}; pass a list with one entry per sample")
+    if isinstance(samples, Sequence):
+        return len(samples)
+    raise TypeError(f"unsupported batch type {type(samples).__name__}; pass a tensor, an array or a list of samples")
 
-    Subclasses set ``name`` and ``differentiable`` and implement ``_score(images, prompts, metadata)``
+
+def _pick_samples(samples: Any, images: Any) -> Any:
+    """``samples`` or its old keyword name ``images`` (exactly one of them)."""
+    if images is _MISSING:
+        if samples is _MISSING:
+            raise TypeError("missing the batch of samples (first argument)")
+        return samples
+    if samples is not _MISSING:
+        raise TypeError("pass the batch once: as `samples` (or positionally), not also as `images`")
+    return images
+
+
+class RewardFn:
+    """Base class of every reward: ``fn(samples, prompts, metadata) -> (scores, info)``.
+
+    Subclasses set ``name`` and ``differentiable`` and implement ``_score(samples, prompts, metadata)``
     returning ``(scores, info)`` (scores in any form ``check_scores`` accepts). ``__call__`` wraps it:
-    empty batches, prompt broadcasting, exception wrapping into ``RewardError`` (chained, naming the
-    reward and the batch size) and output validation.
+    counting the samples (``_batch_size``; modality-free here, image rewards derive from
+    ``rewards.images.ImageRewardFn``, which validates the image layout), empty batches, prompt
+    broadcasting, exception wrapping into ``RewardError`` (chained, naming the reward and the batch
+    size) and output validation.
     """
 
     name: str = "reward"
@@ -136,34 +174,39 @@ class RewardFn:
 
     def __call__(
         self,
-        images: ImageBatch,
+        samples: Any = _MISSING,
         prompts: Sequence[str] | str | None = None,
         metadata: Sequence[dict] | None = None,
+        *,
+        images: Any = _MISSING,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        try:
-            n = batch_size(images)
-        except (TypeError, ValueError) as exc:
-            raise RewardError(f"reward {self.name!r}: cannot read the image batch: {exc}") from exc
+        samples = _pick_samples(samples, images)
+        n = self._batch_size(samples)
         prompt_list = normalize_prompts(self.name, prompts, n)
         if n == 0:
             return torch.zeros(0, dtype=torch.float32), {}
         try:
-            scores, info = self._score(images, prompt_list, metadata)
+            scores, info = self._score(samples, prompt_list, metadata)
         except RewardError:
             raise
         except Exception as exc:
             raise RewardError(
-                f"reward {self.name!r} failed on a batch of {n} image(s): {type(exc).__name__}: {exc}"
+                f"reward {self.name!r} failed on a batch of {n} sample(s): {type(exc).__name__}: {exc}"
             ) from exc
         return check_scores(self.name, scores, n), dict(info or {})
 
-    def _score(
-        self, images: ImageBatch, prompts: list[str], metadata: Sequence[dict] | None
-    ) -> tuple[Any, dict[str, Any]]:
+    def _batch_size(self, samples: Any) -> int:
+        """Number of samples in the batch; raises ``RewardError`` when it cannot be read."""
+        try:
+            return sample_count(samples)
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"reward {self.name!r}: cannot read the batch of samples: {exc}") from exc
+
+    def _score(self, samples: Any, prompts: list[str], metadata: Sequence[dict] | None) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
 
-    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
-        """Differentiable scores ``[B]`` of float images ``[B, 3, H, W]`` in ``[0, 1]``."""
+    def score_tensor(self, samples: torch.Tensor, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
+        """Differentiable scores ``[B]`` of a tensor batch (image rewards: float ``[B, 3, H, W]`` in ``[0, 1]``)."""
         raise RewardError(
             f"reward {self.name!r} is not differentiable (differentiable=False); use a reward such as "
             f"'aesthetic', 'pickscore', 'hpsv2' or 'clipscore' for gradient-based training"
@@ -174,7 +217,11 @@ class RewardFn:
 
 
 class CallableReward(RewardFn):
-    """Wrap a user function ``f(images, prompts, metadata) -> scores | (scores, info)`` as a RewardFn."""
+    """Wrap a user function ``f(samples, prompts, metadata) -> scores | (scores, info)`` as a RewardFn.
+
+    ``f`` gets the batch as passed (e.g. the trainer's images ``[B, 3, H, W]``), the prompts as a list
+    of B strings and the metadata untouched; its scores are validated by ``check_scores``.
+    """
 
     differentiable = False
 
@@ -182,8 +229,8 @@ class CallableReward(RewardFn):
         self.name = name
         self._fn = fn
 
-    def _score(self, images, prompts, metadata):
-        out = self._fn(images, prompts, metadata)
+    def _score(self, samples, prompts, metadata):
+        out = self._fn(samples, prompts, metadata)
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
             return out
         return out, {}

@@ -15,8 +15,14 @@ Conversions:
   reward scores, so a saved PNG scores the same as the tensor it came from. ``None`` marks a sample
   that could not be decoded (non-finite pixels, unreadable file, wrong shape): the reward returns NaN.
 * ``to_float_tensor`` -> float32 ``[B, 3, H, W]`` in ``[0, 1]`` (all images must share a size).
-* ``resize_center_crop_normalize`` -> the tensor-side equivalent of CLIP/BLIP/HPS processors: bicubic
+* ``resize_center_crop_normalize`` -> the tensor-side equivalent of the CLIP/BLIP processors: bicubic
   resize of the short side with antialias, center crop, ``(x - mean) / std``; differentiable.
+* ``resize_longest_pad_normalize`` -> the letterbox of hpsv2 (open_clip ``ResizeMaxSize``): bicubic
+  resize of the *longest* side, centred zero (black) padding to a square, ``(x - mean) / std``;
+  differentiable, antialias optional.
+
+``ImageRewardFn`` is the base of rewards that score images: it validates the batch layout above before
+scoring (``rewards.base.RewardFn`` itself only counts samples, so non-image rewards can share it).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from rewards.base import RewardError, RewardFn
 
 ImageBatch = torch.Tensor | np.ndarray | Sequence[Any]
 
@@ -146,7 +154,8 @@ def resize_center_crop_normalize(
 
     Resize so the short side equals ``size`` (bicubic, antialias), center-crop to ``crop`` and
     normalise with ``mean``/``std``. Matches ``torchvision.transforms.Resize(size, BICUBIC)`` +
-    ``CenterCrop`` + ``Normalize`` applied to a tensor (the hpsv2 order).
+    ``CenterCrop`` + ``Normalize`` applied to a tensor (ToTensor first). HPS letterboxes instead
+    (``resize_longest_pad_normalize``).
     """
     from torchvision.transforms.v2 import functional as TF
 
@@ -159,6 +168,57 @@ def resize_center_crop_normalize(
     return (x - m) / s
 
 
+def resize_longest_pad_normalize(
+    images: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    antialias: bool,
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """Letterbox float ``[B, 3, H, W]`` in ``[0, 1]`` to ``[B, 3, size, size]`` and normalise (differentiable).
+
+    hpsv2's eval transform (``create_model_and_transforms(..., light_augmentation=True)`` ->
+    ``image_transform(resize_longest_max=True)`` -> open_clip ``ResizeMaxSize``) applied after ToTensor:
+    scale = size / max(H, W); resize to ``(round(H * scale), round(W * scale))`` (Python rounding), bicubic,
+    with or without ``antialias``; pad with ``fill`` (0 = black, before normalisation) to a square, the
+    odd pixel going right/bottom (left = pad_w // 2, top = pad_h // 2); then ``(x - mean) / std``.
+
+    Upstream skips the whole step when the longest side already equals ``size``, which leaves a
+    non-square image unpadded (the model would then fail); here such an image is padded. A square
+    ``size x size`` input is returned unresized.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = int(images.shape[-2]), int(images.shape[-1])
+    x = images
+    if (h, w) != (size, size):
+        scale = size / float(max(h, w))
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (nh, nw) != (h, w):
+            x = TF.resize(x, [nh, nw], interpolation=TF.InterpolationMode.BICUBIC, antialias=antialias)
+        pad_h, pad_w = size - nh, size - nw
+        x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
 def valid_indices(pils: Sequence[Image.Image | None]) -> list[int]:
     """Indices of decodable samples."""
     return [i for i, p in enumerate(pils) if p is not None]
+
+
+class ImageRewardFn(RewardFn):
+    """Base of rewards whose samples are images: the batch must be an ``ImageBatch`` (see module doc).
+
+    A wrong layout (e.g. a ``[B, H, W]`` tensor) raises ``RewardError`` naming the reward and the
+    expected layouts before ``_score`` runs.
+    """
+
+    def _batch_size(self, samples: Any) -> int:
+        try:
+            return batch_size(samples)
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"reward {self.name!r}: cannot read the image batch: {exc}") from exc

@@ -15,8 +15,7 @@ import math
 
 import torch
 
-from rewards.base import RewardFn
-from rewards.images import to_pil_list
+from rewards.images import ImageRewardFn, to_pil_list
 
 
 def jpeg_size_kb(image, quality: int = 95) -> float:
@@ -26,7 +25,7 @@ def jpeg_size_kb(image, quality: int = 95) -> float:
     return buf.tell() / 1000.0
 
 
-class JpegIncompressibility(RewardFn):
+class JpegIncompressibility(ImageRewardFn):
     """JPEG q95 file size in kB; rewards detailed, hard-to-compress images."""
 
     name = "jpeg_incompressibility"
@@ -43,7 +42,7 @@ class JpegIncompressibility(RewardFn):
         return torch.tensor(sizes, dtype=torch.float32), {}
 
 
-class JpegCompressibility(RewardFn):
+class JpegCompressibility(ImageRewardFn):
     """Negated JPEG q95 size in kB; composes ``JpegIncompressibility``."""
 
     name = "jpeg_compressibility"

@@ -3,8 +3,9 @@
 Non-differentiable path (``__call__``): images -> 8-bit RGB PIL (``rewards.images.to_pil_list``) ->
 the model's own published preprocessing -> scores, ``batch_size`` images at a time under
 ``torch.inference_mode``. Differentiable path (``score_tensor``): float ``[B, 3, H, W]`` in ``[0, 1]``
--> tensor-side resize/crop/normalise (``rewards.images.resize_center_crop_normalize``) -> scores with
-gradients. Undecodable samples score NaN.
+-> tensor-side resize/crop (or letterbox for HPS)/normalise in float32 (``rewards.images``) -> cast to
+the model dtype -> scores with gradients. Undecodable samples score NaN. Both paths preprocess in
+float32 (float64 for a float64 model) and cast to the model dtype only when the pixels enter the model.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from rewards.base import RewardFn, normalize_prompts
+from rewards.base import normalize_prompts
 from rewards.hub import check_batch_size, chunks, parse_device, parse_dtype
-from rewards.images import to_pil_list, valid_indices
+from rewards.images import ImageRewardFn, to_pil_list, valid_indices
 
 
-class ModelReward(RewardFn):
+class ModelReward(ImageRewardFn):
     """Base for rewards backed by a neural network."""
 
     differentiable = True
@@ -50,8 +51,14 @@ class ModelReward(RewardFn):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"score_tensor expects a float tensor [B, 3, H, W] in [0, 1], got {shape}")
         prompt_list = normalize_prompts(self.name, prompts, images.shape[0])
-        x = images.to(device=self.device, dtype=self.dtype)
+        x = images.to(device=self.device, dtype=self.preprocess_dtype)
         return self._score_tensor(x, prompt_list).float()
+
+    @property
+    def preprocess_dtype(self) -> torch.dtype:
+        """Resize/crop/normalise run in float32 (float64 for a float64 model), never in the model's
+        bf16/fp16: the pixels are rounded to the model dtype once, when they enter the model."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def _score_tensor(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -178,7 +178,7 @@ class _ForeignReward(RewardFn):
 
     _score = CallableReward._score
 
-    def score_tensor(self, images, prompts=None):
+    def score_tensor(self, samples, prompts=None):
         if not self.differentiable:
-            return super().score_tensor(images, prompts)
-        return self._fn.score_tensor(images, prompts)
+            return super().score_tensor(samples, prompts)
+        return self._fn.score_tensor(samples, prompts)

@@ -35,18 +35,22 @@ import torch
 from PIL import Image
 
 SIZE = 32
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "black": (0, 0, 0),
+# The shapes world's colours. This is the single source of truth: the generator
+# (``diffusion_rl.world.shapes.COLOURS``) imports it from here, never the other way round, so the
+# reward stays standalone.
+BACKGROUND: tuple[str, tuple[int, int, int]] = ("black", (0, 0, 0))
+COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
     "blue": (0, 0, 255),
     "yellow": (255, 255, 0),
 }
+PALETTE: dict[str, tuple[int, int, int]] = {BACKGROUND[0]: BACKGROUND[1], **COLOURS}  # index 0 = background
 _PALETTE_NAMES = list(PALETTE)
 _PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)  # [5, 3]
 _NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6,
             "seven": 7, "eight": 8, "nine": 9}
-_COLOUR = r"(red|green|blue|yellow)"
+_COLOUR = "(" + "|".join(map(re.escape, COLOURS)) + ")"
 _SHAPE = r"(circle|square|triangle)s?"
 _RELATION = r"((?:to the |on the )?left of|(?:to the |on the )?right of|above|below)"
 _COUNT_RE = re.compile(rf"^({'|'.join(_NUMBERS)}|[1-9]) {_COLOUR} {_SHAPE}$")

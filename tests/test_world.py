@@ -48,6 +48,23 @@ def test_render_is_deterministic_and_flat():
         shapes.render("a purple hexagon", 0)
 
 
+def test_palette_has_one_source_of_truth():
+    """The generator draws with the reward's palette (rewards never import diffusion_rl, so it lives there)."""
+    import diffusion_rl.world
+    from rewards import shapes_alignment
+
+    assert diffusion_rl.world.COLOURS is shapes.COLOURS is shapes_alignment.COLOURS
+    assert shapes_alignment.PALETTE == {"black": (0, 0, 0), **shapes.COLOURS}
+    assert list(shapes_alignment.PALETTE)[0] == shapes_alignment.BACKGROUND[0] == "black"
+    for colour, rgb in shapes.COLOURS.items():
+        prompt = f"a {colour} square"
+        assert parse(prompt).colour1 == colour
+        image = shapes.render(prompt, 0)
+        assert {tuple(c) for c in np.asarray(image).reshape(-1, 3)} == {(0, 0, 0), rgb}
+        (blob,) = detect([image])[0]
+        assert (blob.colour, blob.shape) == (colour, "square")
+
+
 def test_datasets():
     ds = shapes.prompt_dataset("eval")
     assert len(ds) == 64 and {"prompt", "kind", "colour1", "shape1", "count", "relation"} <= set(ds.column_names)

@@ -21,13 +21,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rewards import shapes_alignment
+
 IMAGE_SIZE = 32
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-}
+# Object colours (name -> RGB); background black. Defined once, by the reward that reads images back
+# (rewards may not import diffusion_rl, so the generator takes the palette from the reward).
+COLOURS: dict[str, tuple[int, int, int]] = shapes_alignment.COLOURS
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("a", "two", "three", "four")  # index + 1 = number of objects
 RELATIONS = ("left of", "right of", "above", "below")
@@ -175,7 +174,7 @@ def render(prompt: str, rng_or_seed: np.random.Generator | int = 0) -> Image.Ima
     """A 32x32 RGB ground-truth image of ``prompt``; the same seed gives identical pixels."""
     s = spec(prompt)
     boxes = _layout(s, _as_rng(rng_or_seed))
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), shapes_alignment.BACKGROUND[1])
     draw = ImageDraw.Draw(image)
     if s.kind == "count":
         for box in boxes:

@@ -16,6 +16,8 @@ import rewards
 from rewards import RewardError
 
 PROMPTS = ["a red cube", "two blue spheres on a table", "a photo of a green cat"]
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _images(n=3, h=40, w=52, seed=0):
@@ -191,16 +193,150 @@ def test_clipscore_formula_and_options(tiny_clip_dir):
         rewards.load("clipscore", model_path=str(tiny_clip_dir), w=float("inf"))
 
 
+def _clip_only_dir(src, dst):
+    """A copy of a CLIP directory with the weights only (no processor or tokenizer files)."""
+    import shutil
+
+    dst.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, dst / f)
+    return dst
+
+
+def test_pickscore_local_model_directory_uses_its_processor_offline(tiny_clip_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fn = rewards.load("pickscore", model_path=str(tiny_clip_dir))  # no processor_path: the directory's own
+    assert fn.preprocess.size == 32 and fn.preprocess.crop == (32, 32)  # not the laion processor's 224
+    x = _images()
+    scores, _ = fn(x, PROMPTS, None)
+    cos, scale = _clip_cos(tiny_clip_dir, x, PROMPTS)
+    torch.testing.assert_close(scores, 100.0 * cos, atol=1e-5, rtol=1e-6)
+    assert scale == pytest.approx(100.0, rel=1e-6)
+    # a directory without a processor keeps the hub default, which cannot be fetched offline
+    bare = _clip_only_dir(tiny_clip_dir, tmp_path / "weights_only")
+    with pytest.raises(RewardError, match=r"processor from 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'.*processor_path"):
+        rewards.load("pickscore", model_path=str(bare))
+    # an explicit processor_path still wins
+    explicit = rewards.load("pickscore", model_path=str(bare), processor_path=str(tiny_clip_dir))
+    torch.testing.assert_close(explicit(x, PROMPTS, None)[0], scores, atol=0, rtol=0)
+
+
+def test_pickscore_bf16_keeps_logit_scale_in_fp32(tiny_clip_dir, pickscore):
+    from transformers import CLIPModel, CLIPProcessor
+
+    bf = rewards.load("pickscore", model_path=str(tiny_clip_dir), processor_path=str(tiny_clip_dir), dtype="bf16")
+    x = _images()
+    scores, _ = bf(x, PROMPTS, None)
+    # independent bf16 computation: same bf16 weights, fp32 pixels cast once, scale exactly exp(fp32 ln 100) = 100
+    model = CLIPModel.from_pretrained(tiny_clip_dir, dtype=torch.bfloat16).eval()
+    proc = CLIPProcessor.from_pretrained(tiny_clip_dir)
+    inputs = proc(text=PROMPTS, images=_pils(x), padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        i = _unit(_feat(model.get_image_features(pixel_values=inputs["pixel_values"].to(torch.bfloat16))).float())
+        t = _unit(_feat(model.get_text_features(input_ids=inputs["input_ids"],
+                                                attention_mask=inputs["attention_mask"])).float())
+    cos_bf16 = (i * t).sum(-1)
+    torch.testing.assert_close(scores, 100.0 * cos_bf16, atol=1e-4, rtol=1e-5)  # a bf16 scale gives 98.9 * cos
+    # and close to the fp32 reward: bf16 weights and activations only (|cos error| ~ 1e-2)
+    ref, _ = pickscore(x, PROMPTS, None)
+    assert (scores - ref).abs().max() < 1.0
+    assert bf.model.dtype == torch.bfloat16 and bf.model.logit_scale.dtype == torch.bfloat16
+    assert math.exp(bf.model.logit_scale.item()) < 98.9  # what the bf16 parameter holds: exp(4.59375)
+    assert bf.logit_scale.dtype == torch.float32
+    assert bf.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
+
+
+def _vision_module(fn):
+    if hasattr(fn, "clip"):  # aesthetic: CLIPVisionModelWithProjection
+        return fn.clip.vision_model
+    model = fn.model
+    return getattr(model, "visual", None) or model.vision_model  # open_clip (HPS) / CLIP / BLIP
+
+
+def _pixels_into_model(fn, call):
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["pixel_values"]).detach().clone())
+
+    handle = _vision_module(fn).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        call()
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _load_model_reward(which, dtype, tiny_clip_dir, aesthetic_head_dir, tiny_hps, tiny_imagereward):
+    if which == "aesthetic":
+        return rewards.load("aesthetic", clip_path=str(tiny_clip_dir), head_path=str(aesthetic_head_dir), dtype=dtype)
+    if which in ("pickscore", "clipscore"):
+        return rewards.load(which, model_path=str(tiny_clip_dir), processor_path=str(tiny_clip_dir), dtype=dtype)
+    if which == "hps":
+        return rewards.load("hpsv2", model_path=str(tiny_hps["dir"]), model_config=str(tiny_hps["config"]), dtype=dtype)
+    t = tiny_imagereward
+    return rewards.load("imagereward", model_path=str(t["dir"]), tokenizer_path=str(t["tokenizer"]),
+                        blip_config=t["config"], dtype=dtype)
+
+
+@pytest.mark.parametrize("which", ["aesthetic", "pickscore", "clipscore", "hps", "imagereward"])
+def test_reduced_precision_rewards_preprocess_in_fp32(which, tiny_clip_dir, aesthetic_head_dir, tiny_hps,
+                                                      tiny_imagereward):
+    """The pixels a bf16 model receives are the fp32 preprocessing rounded once to bf16, on both paths."""
+    kw = dict(tiny_clip_dir=tiny_clip_dir, aesthetic_head_dir=aesthetic_head_dir, tiny_hps=tiny_hps,
+              tiny_imagereward=tiny_imagereward)
+    f32 = _load_model_reward(which, None, **kw)
+    bf = _load_model_reward(which, "bf16", **kw)
+    x = _images(n=2, h=40, w=52, seed=21)
+    y = x.clone().requires_grad_()
+    px32 = _pixels_into_model(f32, lambda: f32.score_tensor(x, PROMPTS[:2]))
+    pxbf = _pixels_into_model(bf, lambda: bf.score_tensor(y, PROMPTS[:2]).sum().backward())
+    assert px32.dtype == torch.float32 and pxbf.dtype == torch.bfloat16
+    assert torch.equal(pxbf, px32.to(torch.bfloat16))
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+    call32 = _pixels_into_model(f32, lambda: f32(x, PROMPTS[:2], None))
+    callbf = _pixels_into_model(bf, lambda: bf(x, PROMPTS[:2], None))
+    assert torch.equal(callbf, call32.to(torch.bfloat16))
+
+
 # ---------------------------------------------------------------- HPS
 
-def _hps_expected(tiny_hps, fname, x, texts):
-    import open_clip
+def _resize_max_size_reference(img, size, antialias):
+    """open_clip ``ResizeMaxSize(size, fill=0)`` as hpsv2's eval transform applies it (after ToTensor), written
+    from upstream's steps with torchvision's v1 functional API: scale the longest side to ``size`` with
+    Python rounding, bicubic, then pad [left, top, right, bottom] = [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2]
+    with 0. ``img``: float [3, H, W]."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F1
+
+    height, width = img.shape[1:]
+    scale = size / float(max(height, width))
+    if scale != 1.0:
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        img = F1.resize(img, list(new_size), InterpolationMode.BICUBIC, antialias=antialias)
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        img = F1.pad(img, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return img
+
+
+def _hps_transform(antialias=False, size=32):
+    """hpsv2 ``image_transform(is_train=False, resize_longest_max=True)``: ToTensor, ResizeMaxSize, Normalize."""
     from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Lambda(lambda t: _resize_max_size_reference(t, size, antialias)),
+                      T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+def _hps_expected(tiny_hps, fname, x, texts, antialias=False):
+    import open_clip
 
     model = open_clip.create_model(tiny_hps["name"], pretrained=None, output_dict=True).eval()
     model.load_state_dict(torch.load(tiny_hps["dir"] / fname, weights_only=True)["state_dict"])
-    tf = T.Compose([T.ToTensor(), T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
-                    T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    tf = _hps_transform(antialias)
     images = torch.stack([tf(p) for p in _pils(x)])
     tokens = open_clip.get_tokenizer(tiny_hps["name"])(texts)
     with torch.no_grad():
@@ -217,6 +353,79 @@ def test_hpsv2_matches_independent_computation(hps, tiny_hps):
     s21, _ = v21(x, PROMPTS, None)
     torch.testing.assert_close(s21, _hps_expected(tiny_hps, "HPS_v2.1_compressed.pt", x, PROMPTS), atol=1e-5, rtol=0)
     assert v21.name == "hpsv2.1" and not torch.allclose(s21, scores)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("hw", [(40, 52), (52, 40), (31, 64), (20, 33), (12, 20)])
+def test_hps_letterbox_matches_upstream_resize_max_size(tiny_hps, hw, antialias):
+    """Non-square images: longest side to 32, black padding centred (odd pixel right/bottom), no crop."""
+    options = {"antialias": True} if antialias else {}  # antialias=False is the default
+    fn = rewards.load("hpsv2", model_path=str(tiny_hps["dir"]), model_config=str(tiny_hps["config"]), **options)
+    g = torch.Generator().manual_seed(hw[0] * 100 + hw[1])
+    x = torch.rand(2, 3, *hw, generator=g)
+    got = fn._preprocess(x)
+    ref = torch.stack([_hps_transform(antialias)(p) for p in _pils(x)])  # upstream order: ToTensor first
+    x8 = (x * 255).round() / 255  # the 8-bit rendering the PIL path scores
+    assert got.shape == ref.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(fn._preprocess(x8), ref, atol=1e-5, rtol=0)
+    # the padding is black (0 before normalisation) and nothing of the image is cropped away
+    black = (-torch.tensor(OPENAI_MEAN) / torch.tensor(OPENAI_STD)).view(3, 1, 1)
+    h, w = hw
+    nh, nw = round(h * 32 / max(h, w)), round(w * 32 / max(h, w))
+    top, left = (32 - nh) // 2, (32 - nw) // 2
+    pad = torch.ones(32, 32, dtype=torch.bool)
+    pad[top:top + nh, left:left + nw] = False
+    assert pad.sum() == 32 * 32 - nh * nw > 0
+    torch.testing.assert_close(got[:, :, pad], black.expand(2, 3, 32, 32)[:, :, pad], atol=1e-6, rtol=0)
+    if antialias:  # PIL: bicubic resize of the longest side, pasted on a black canvas (antialiased, 8-bit)
+        xm = 0.3 + 0.4 * x8  # mid-range pixels: no overshoot for PIL to clip
+        canvas = []
+        for im in _pils(xm):
+            c = Image.new("RGB", (32, 32), (0, 0, 0))
+            c.paste(im.resize((nw, nh), Image.BICUBIC), (left, top))
+            canvas.append(torch.from_numpy(np.asarray(c).copy()).permute(2, 0, 1).float() / 255)
+        pil_ref = (torch.stack(canvas) - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_STD).view(3, 1, 1)
+        assert (fn._preprocess(xm) - pil_ref).abs().max() < 0.03  # 1-2 uint8 levels; a 1-px shift gives ~0.6
+    # both scoring paths letterbox identically: tensor path == PIL path for 8-bit-exact input
+    s_tensor = fn.score_tensor(x8, PROMPTS[:2]).detach()
+    s_call, _ = fn(x8, PROMPTS[:2], None)
+    torch.testing.assert_close(s_tensor, s_call, atol=1e-6, rtol=0)
+    torch.testing.assert_close(s_call, _hps_expected(tiny_hps, "HPS_v2_compressed.pt", x8, PROMPTS[:2], antialias),
+                               atol=1e-5, rtol=0)
+
+
+def test_hps_letterbox_is_differentiable_and_square_images_unchanged(tiny_hps, hps):
+    from rewards.images import resize_center_crop_normalize, resize_longest_pad_normalize
+
+    assert hps.antialias is False  # default: upstream's training-time torchvision did not antialias tensors
+    y = _images(n=2, h=40, w=52, seed=5).requires_grad_()
+    s = hps.score_tensor(y, PROMPTS[:2])
+    s.sum().backward()
+    assert torch.isfinite(y.grad).all() and (y.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+    # square images: letterbox == the previous resize + center crop, bit for bit, under either antialias setting
+    for size in (64, 32, 45):
+        x = _images(n=2, h=size, w=size, seed=size)
+        for aa in (True, False):
+            new = resize_longest_pad_normalize(x, 32, OPENAI_MEAN, OPENAI_STD, antialias=aa)
+            if aa:  # the old drl helper (always antialiased)
+                old = resize_center_crop_normalize(x, 32, 32, OPENAI_MEAN, OPENAI_STD)
+                assert torch.equal(new, old)
+            from torchvision import transforms as T
+            crop = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC, antialias=aa), T.CenterCrop(32),
+                              T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+            torch.testing.assert_close(new, torch.stack([crop(im) for im in x]), atol=1e-6, rtol=0)
+    # longest side already 32 but not square: upstream would skip the padding (and the model would fail); drl pads
+    x = _images(n=1, h=20, w=32, seed=6)
+    out = resize_longest_pad_normalize(x, 32, OPENAI_MEAN, OPENAI_STD, antialias=False)
+    m, sd = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out[:, :, 6:26], (x - m) / sd, atol=0, rtol=0)
+    torch.testing.assert_close(out[:, :, :6], (-m / sd).expand(1, 3, 6, 32), atol=1e-6, rtol=0)
+    aa = rewards.load("hpsv2", model_path=str(tiny_hps["dir"]), model_config=str(tiny_hps["config"]), antialias=True)
+    x = _images(n=3, h=64, w=64, seed=8)
+    torch.testing.assert_close(aa(x, PROMPTS, None)[0], _hps_expected(tiny_hps, "HPS_v2_compressed.pt", x, PROMPTS, True),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(RewardError, match="antialias must be true or false"):
+        rewards.load("hpsv2", model_path=str(tiny_hps["dir"]), model_config=str(tiny_hps["config"]), antialias="yes")
 
 
 def test_hps_checkpoint_mismatch_is_reported(tiny_hps, tmp_path):

@@ -91,7 +91,7 @@ def test_empty_batch_and_bad_layout():
     assert s.shape == (0,) and s.dtype == torch.float32
     with pytest.raises(RewardError, match="jpeg_incompressibility.*\\[B, 3, H, W\\]"):
         fn(torch.zeros(2, 8, 8), None, None)
-    with pytest.raises(RewardError, match="2 prompts for 3 images"):
+    with pytest.raises(RewardError, match="2 prompts for 3 samples"):
         fn(_images(), ["a", "b"], None)
 
 
@@ -153,7 +153,7 @@ def test_check_scores_converts():
 @pytest.mark.parametrize(
     "value, pattern",
     [
-        ([1.0, 2.0], "returned 2 scores for 3 images"),
+        ([1.0, 2.0], "returned 2 scores for 3 samples"),
         (torch.ones(3, 2), r"shape \(3, 2\)"),
         ([1.0, float("inf"), 0.0], r"infinite scores at indices \[1\]"),
         (np.array([1.0, -np.inf, 0.0]), "infinite"),
@@ -183,11 +183,68 @@ def test_raising_reward_becomes_reward_error_chained():
 
 def test_callable_reward_output_validated():
     fn = CallableReward("short", lambda i, p, m: [1.0])
-    with pytest.raises(RewardError, match="'short'.*returned 1 scores for 3 images"):
+    with pytest.raises(RewardError, match="'short'.*returned 1 scores for 3 samples"):
         fn(_images(), None, None)
     fn = CallableReward("info", lambda i, p, m: ([1, 2, 3], {"k": 1}))
     s, info = fn(_images(), None, None)
     assert s.tolist() == [1.0, 2.0, 3.0] and info == {"k": 1}
+
+
+class _TextLength(RewardFn):
+    """A text reward on the shared base: characters per sample; empty text is unscorable (NaN)."""
+
+    name = "text_length"
+
+    def _score(self, samples, prompts, metadata):
+        if isinstance(samples, torch.Tensor):  # token ids [B, L], 0 = padding
+            return (samples != 0).sum(dim=1).float(), {"kind": "tokens"}
+        return [float(len(t)) if t else float("nan") for t in samples], {"kind": "text"}
+
+
+def test_text_reward_subclass_scores_strings_through_check_scores():
+    fn = _TextLength()
+    texts = ["a red circle", "", "two blue squares"]
+    scores, info = fn(texts, ["p"] * 3, None)
+    assert scores.dtype == torch.float32 and scores.shape == (3,) and info == {"kind": "text"}
+    assert scores[0] == 12.0 and math.isnan(scores[1]) and scores[2] == 16.0
+    raw, _ = fn._score(texts, ["p"] * 3, None)
+    torch.testing.assert_close(check_scores("text_length", raw, 3), scores, atol=0, rtol=0, equal_nan=True)
+    # a non-image tensor batch (token ids [B, L]) is counted by its first dimension, not rejected as a bad image
+    ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
+    s_ids, info_ids = fn(ids, "a prompt", None)
+    assert s_ids.tolist() == [2.0, 1.0] and info_ids == {"kind": "tokens"}
+    s_kw, _ = fn(samples=texts, prompts=None, metadata=None)
+    torch.testing.assert_close(s_kw, scores, atol=0, rtol=0, equal_nan=True)
+    with pytest.raises(RewardError, match="2 prompts for 3 samples"):
+        fn(texts, ["a", "b"], None)
+    with pytest.raises(RewardError, match="'text_length': cannot read the batch.*single str"):
+        fn("just one string", None, None)
+    with pytest.raises(RewardError, match=r"returned 2 scores for 3 samples.*one score per sample"):
+        check_scores("text_length", [1.0, 2.0], 3)
+    with rewards.AsyncScorer(fn) as scorer:
+        torch.testing.assert_close(scorer.submit(texts).result()[0], scores, atol=0, rtol=0, equal_nan=True)
+
+
+def test_callable_reward_keeps_the_image_signature():
+    seen = {}
+
+    def brightness(images, prompts, metadata):
+        seen.update(shape=tuple(images.shape), prompts=prompts, metadata=metadata)
+        return images.mean(dim=(1, 2, 3)), {}
+
+    fn = CallableReward("brightness", brightness)
+    x = _images()
+    s, info = fn(x, "p", [{"i": 0}, {"i": 1}, {"i": 2}])  # positional, as the trainer calls it
+    torch.testing.assert_close(s, x.mean(dim=(1, 2, 3)), atol=0, rtol=0)
+    assert seen == {"shape": (3, 3, 48, 48), "prompts": ["p"] * 3, "metadata": [{"i": 0}, {"i": 1}, {"i": 2}]}
+    torch.testing.assert_close(fn(images=x, prompts=None)[0], s, atol=0, rtol=0)  # the old keyword name
+    with pytest.raises(TypeError, match="not also as `images`"):
+        fn(x, images=x)
+    # image validation lives in the image rewards
+    assert isinstance(rewards.load("jpeg_incompressibility"), rewards.ImageRewardFn)
+    assert not isinstance(fn, rewards.ImageRewardFn) and not isinstance(_TextLength(), rewards.ImageRewardFn)
+    with pytest.raises(RewardError, match=r"cannot read the image batch.*\[B, 3, H, W\]"):
+        rewards.load("jpeg_incompressibility")(torch.zeros(2, 8, 8), None, None)
 
 
 # ---------------------------------------------------------------- multi
@@ -212,7 +269,7 @@ def test_load_multi_weighted_sum_and_components():
          {"name": "jpeg_compressibility", "weight": 0.5, "label": "comp", "quality": 80}],
         mode="advantage",
     )
-    assert m.weights == {"jpeg_incompressibility": 2.0, "comp": 0.5} and m.mode == "advantage"
+    assert m.weights == {"jpeg_incompressibility": 2.0, "comp": 0.5}
     s, info = m(x, ["p"] * 3, None)
     inc, _ = rewards.load("jpeg_incompressibility")(x, None, None)
     comp, _ = rewards.load("jpeg_compressibility", quality=80)(x, None, None)
@@ -220,6 +277,20 @@ def test_load_multi_weighted_sum_and_components():
     torch.testing.assert_close(info["components"]["comp"], comp, atol=0, rtol=0)
     torch.testing.assert_close(s, 2.0 * inc + 0.5 * comp, atol=1e-6, rtol=0)
     assert m.differentiable is False
+
+
+def test_load_multi_mode_is_validated_but_does_not_change_the_reward():
+    """The combination mode is the trainer's business (it reads .weights in advantage mode); the reward is the same."""
+    x = _images()
+    specs = [{"name": "jpeg_incompressibility", "weight": 2.0}, {"name": "jpeg_compressibility", "weight": 0.5}]
+    out = {mode: rewards.load_multi(specs, mode=mode) for mode in ("sum", "advantage")}
+    (s_sum, i_sum), (s_adv, i_adv) = (out[m](x, None, None) for m in ("sum", "advantage"))
+    torch.testing.assert_close(s_sum, s_adv, atol=0, rtol=0)
+    assert i_sum.keys() == i_adv.keys() == {"components", "weights"}
+    assert out["sum"].weights == out["advantage"].weights == {"jpeg_incompressibility": 2.0, "jpeg_compressibility": 0.5}
+    assert not hasattr(out["advantage"], "mode")
+    with pytest.raises(TypeError):
+        MultiReward({"a": _Const("a", 1.0)}, {"a": 1.0}, mode="sum")
 
 
 def test_load_multi_errors():
@@ -285,5 +356,5 @@ def test_async_scorer_jpeg_and_error_propagation():
     with rewards.AsyncScorer(fn) as scorer:
         torch.testing.assert_close(scorer.submit(x).result()[0], fn(x, None, None)[0], atol=0, rtol=0)
         fut = scorer.submit(torch.zeros(2, 3, 8, 8), ["a"] * 5)
-        with pytest.raises(RewardError, match="5 prompts for 2 images"):
+        with pytest.raises(RewardError, match="5 prompts for 2 samples"):
             fut.result()
