@@ -169,7 +169,7 @@ class LoggingConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(0, ge=0)
-    """Evaluate every N epochs (0 = only before and after training when num_prompts > 0)."""
+    """Evaluate every N epochs (0 = only before and after training; no evaluation at all while eval.prompts is empty)."""
     prompts: list[str] | str = []
     """Held-out prompts: a list, a .txt/.jsonl file, or `world:eval` (the shapes world's eval split); empty = no eval."""
     reward: str | None = None

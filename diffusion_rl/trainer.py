@@ -46,6 +46,7 @@ from diffusion_rl.config import RunConfig, dump_config
 from diffusion_rl.core import checkpoint, grpo
 from diffusion_rl.core.run import (  # noqa: F401  (NonFiniteTrainingError, ResumeError: importable from here)
     EMA,
+    MetricAccumulator,
     NonFiniteTrainingError,
     OptimizerStepGuard,
     ResumeError,
@@ -440,7 +441,7 @@ def train_epoch(run: Run, trajectories: Trajectories, step_adv: torch.Tensor, ep
     (ratio_min / ratio_max: the true extremes), the mean pre-clip gradient norm and the update count."""
     cfg = run.cfg
     run.unet.train()
-    sums, extremes, n_micro, grad_norms = {}, {"ratio_min": float("inf"), "ratio_max": -float("inf")}, 0, []
+    metrics, grad_norms = MetricAccumulator(), []
     # the trainable steps are the first T - skip_final_steps; training_view keeps true step indices
     trainable_adv = step_adv[:, : run.num_steps - cfg.train.skip_final_steps]  # [N, T - skip]
     for inner in range(cfg.train.num_inner_epochs):
@@ -450,25 +451,15 @@ def train_epoch(run: Run, trajectories: Trajectories, step_adv: torch.Tensor, ep
                           disable=not run.main, leave=False):
             micro = slice(start, start + cfg.train.batch_size)
             for j in range(run.steps_trained):
-                loss, metrics = _train_step(run, view, micro, j)
-                for key, value in metrics.items():
-                    if key in extremes:
-                        extremes[key] = (min if key == "ratio_min" else max)(extremes[key], float(value))
-                    else:
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                n_micro += 1
+                loss, step_metrics = _train_step(run, view, micro, j)
+                metrics.add(step_metrics)
                 if run.accelerator.sync_gradients:
                     grad_norm = run.guard.step(loss, where=f"(epoch {epoch})")
                     if grad_norm is not None:
                         grad_norms.append(grad_norm)
                         if run.ema:
                             run.ema.update()
-    return {
-        **{k: v / max(n_micro, 1) for k, v in sums.items()},
-        **(extremes if n_micro else {}),
-        "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-        "updates": len(grad_norms),
-    }
+    return {**metrics.result(), "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "updates": len(grad_norms)}
 
 
 def _train_step(run: Run, view: dict, micro: slice, j: int) -> tuple[torch.Tensor, dict]:

@@ -31,14 +31,27 @@ def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
     assert f"run directory: {tmp_path}" in out and "TensorBoard: tensorboard --logdir" in out
     images = tmp_path / "images"
     assert {p.name for p in images.iterdir()} >= {"eval_before.png", "eval_after.png", "eval_before_after.png"}
-    # the side-by-side figure holds the two grids pixel for pixel (2x nearest upscale) under an 18 px caption row
+    # the side-by-side figure: under an 18 px title row, each panel holds every eval image pixel for pixel (3x
+    # nearest upscale; 8 per row, 4 px apart) with its prompt written in the 3 caption lines (33 px) under it
     grids = [np.asarray(Image.open(images / f"eval_{t}.png").convert("RGB")) for t in ("before", "after")]
     both = np.asarray(Image.open(images / "eval_before_after.png").convert("RGB"))
-    h, w = (2 * n for n in grids[0].shape[:2])
-    assert both.shape == (18 + h, 2 * w + 12, 3)
-    for i, grid in enumerate(grids):
-        x = i * (w + 12)
-        assert np.array_equal(both[18:, x : x + w], grid.repeat(2, 0).repeat(2, 1))
+    side = 32  # tiny-shapes images are 32 x 32; the eval grids have a 1 px white border around each
+    n = 64  # the figure shows the first 64 eval images (here the 64 held-out prompts x 1)
+    cell_w, cell_h = 3 * side + 4, 3 * side + 33 + 4
+    panel_w = 8 * cell_w - 4
+    assert both.shape == (18 + (n // 8) * cell_h, 2 * panel_w + 12, 3)
+    captions = []
+    for p, grid in enumerate(grids):
+        for i in (0, 1, n - 1):
+            r, c = divmod(i, 8)
+            image = grid[1 + r * (side + 1) : 1 + r * (side + 1) + side, 1 + c * (side + 1) : 1 + c * (side + 1) + side]
+            x, y = p * (panel_w + 12) + c * cell_w, 18 + r * cell_h
+            assert np.array_equal(both[y : y + 3 * side, x : x + 3 * side], image.repeat(3, 0).repeat(3, 1))
+            caption = both[y + 3 * side : y + 3 * side + 33, x : x + 3 * side]
+            assert (caption < 128).any()  # the prompt is written there
+            captions.append(caption)
+    assert not np.array_equal(captions[0], captions[1])  # different prompts, different captions
+    assert np.array_equal(captions[0], captions[3])  # the same prompt in both panels
     assert any((tmp_path / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)

@@ -339,3 +339,66 @@ def test_bf16_weights_and_mixed_precision_keep_trainable_params_fp32(tmp_path):
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}
     rec = res.history[0]
     assert rec["global_step"] == 2 and all(torch.isfinite(torch.tensor(rec[k])) for k in ("loss/policy_loss", "loss/approx_kl"))
+
+
+# ----------------------------------------------------------------- precision, EMA, evaluation settings
+
+
+def test_trajectories_keep_no_predicted_x0():
+    """Only the similarity curve [B, T+1] survives sampling: T predicted-x0 latents per sample are never kept."""
+    from dataclasses import fields
+
+    assert "pred_x0" not in {f.name for f in fields(Trajectories)}
+    assert "similarities" in {f.name for f in fields(Trajectories)}
+
+
+def test_kl_is_zero_at_initialisation_under_mixed_precision(tmp_path):
+    """The reference forward runs under the policy's autocast: before the first update (LoRA up-projections are
+    zero) the policy and the reference are the same function, so the KL is exactly 0 under bf16."""
+    cfg = _tiny(tmp_path, "train.mixed_precision=bf16", "train.kl_coef=0.1", "train.batch_size=4")
+    assert cfg.geometry(1)["updates_per_epoch"] == 1  # every logged micro-step precedes the only update
+    record = train(cfg).history[0]
+    assert record["loss/kl"] == 0.0
+    assert record["loss/ratio_min"] == record["loss/ratio_max"] == 1.0
+
+
+def test_ema_weights_are_evaluated_saved_and_resume_exact(tmp_path):
+    sets = ["num_epochs=2", "checkpoint.every=1", "train.ema=true", "train.ema_decay=0.5"]
+    straight = train(_tiny(tmp_path / "a", *sets))
+    train(_tiny(tmp_path / "b", *sets[1:], "num_epochs=1"))
+    train(_tiny(tmp_path / "b", *sets), resume="auto")
+    a, b = lora(tmp_path / "a"), lora(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    # the saved weights are the EMA the final checkpoint holds, not the live weights
+    ckpt = sorted((tmp_path / "a" / "checkpoints").iterdir())[-1]
+    shadow = load_file(ckpt / "trainer_tensors.safetensors")
+    trained = [p for p in straight.pipeline.unet.parameters() if p.requires_grad]
+    assert len(shadow) == len(trained)
+    for i, p in enumerate(trained):
+        assert torch.equal(p.detach().cpu(), shadow[f"ema.shadow.{i}"])
+    plain = lora(Path(train(_tiny(tmp_path / "c", *sets[:2])).output_dir))
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+def test_drl_eval_uses_the_runs_negative_prompt(tmp_path):
+    """`drl eval RUN` reports what the trainer's evaluation reports: same prompts, seeds and negative prompt."""
+    from diffusion_rl.config import dump_config
+    from diffusion_rl.evaluation import evaluate
+    from diffusion_rl.models import load_pipeline
+
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    cfg = _tiny(tmp_path, "sample.negative_prompt=a green triangle", f"eval.prompts={prompts}",
+                "eval.reward=jpeg_compressibility")
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    shown = json.loads(drl("eval", str(tmp_path), "--json", "--num", "2").stdout)["results"]["jpeg_compressibility"]
+    pipe = load_pipeline("builtin:tiny-random")
+    pipe.set_progress_bar_config(disable=True)
+    jpeg = rewards.load("jpeg_compressibility")
+    args = (pipe, pipe.unet, ["a red circle", "two blue squares"], [jpeg], 1234, 2, 4, 5.0, 1.0)
+    with_negative = evaluate(*args, negative_prompt="a green triangle")[0]["jpeg_compressibility"]
+    without = evaluate(*args)[0]["jpeg_compressibility"]
+    assert shown["mean"] == pytest.approx(with_negative["mean"], rel=1e-6)
+    assert shown["mean"] != pytest.approx(without["mean"], rel=1e-6)

@@ -62,6 +62,30 @@ class TrainerCallback:
         pass
 
 
+class MetricAccumulator:
+    """Reduces per-micro-batch metrics over an epoch: the mean, except `*_min` / `*_max` keys, which keep the
+    true extreme (a mean of per-micro-batch minima is not the epoch's minimum)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        for key, value in metrics.items():
+            value = float(value)
+            if key.endswith("_min"):
+                self.extremes[key] = min(self.extremes.get(key, value), value)
+            elif key.endswith("_max"):
+                self.extremes[key] = max(self.extremes.get(key, value), value)
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def result(self) -> dict[str, float]:
+        return {**{k: v / max(self.count, 1) for k, v in self.sums.items()}, **self.extremes}
+
+
 # ------------------------------------------------------------------------------------------------
 # resume
 # ------------------------------------------------------------------------------------------------
