@@ -159,41 +159,34 @@ def _threads(n: int) -> None:
 
 
 def worker_drl(model_dir: str, epochs: int, out_dir: str, gate: Gate, profile: str | None = None) -> dict:
-    """drl's Python API. Two module-level names of diffusion_rl.trainer are wrapped (in this process only) to
-    timestamp the start (PromptSampler.epoch_indices, first call of each epoch) and the end
-    (_append_credit_profile, the last logging call) of each epoch."""
-    import diffusion_rl.trainer as trainer_mod
+    """drl's Python API, timed through its public seam: a TrainerCallback timestamps each epoch's start (after
+    the gate lets it go, before drl's own epoch clock starts) and its end (once the epoch's record is logged)."""
     from diffusion_rl.config import load_config
+    from diffusion_rl.core.run import TrainerCallback
+    from diffusion_rl.trainer import train
 
-    starts, ends, cpu_starts, cpu_ends, waits = [], [], [], [], []
+    starts, ends, cpu_starts, cpu_ends = [], [], [], []
     prof = {"p": None}
-    orig_indices = trainer_mod.PromptSampler.epoch_indices
-    orig_profile = trainer_mod._append_credit_profile
 
-    def epoch_indices(self, epoch, *a, **k):
-        t_wait = time.perf_counter()
-        gate.wait()  # inside drl's timed region (its t_epoch is taken before this call): subtracted below
-        starts.append(time.perf_counter())
-        waits.append(starts[-1] - t_wait)
-        cpu_starts.append(time.process_time())
-        if profile and epoch == 1:
-            import cProfile
+    class EpochTimer(TrainerCallback):
+        def on_epoch_start(self, epoch):
+            gate.wait()
+            starts.append(time.perf_counter())
+            cpu_starts.append(time.process_time())
+            if profile and epoch == 1:
+                import cProfile
 
-            prof["p"] = cProfile.Profile()
-            prof["p"].enable()
-        return orig_indices(self, epoch, *a, **k)
+                prof["p"] = cProfile.Profile()
+                prof["p"].enable()
 
-    def append_credit_profile(out, epoch, cres):
-        orig_profile(out, epoch, cres)
-        if prof["p"] is not None and epoch == 1:
-            prof["p"].disable()
-            prof["p"].dump_stats(profile)
-        ends.append(time.perf_counter())
-        cpu_ends.append(time.process_time())
-        gate.done()
+        def on_epoch_end(self, epoch, record):
+            if prof["p"] is not None and epoch == 1:
+                prof["p"].disable()
+                prof["p"].dump_stats(profile)
+            ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
+            gate.done()
 
-    trainer_mod.PromptSampler.epoch_indices = epoch_indices
-    trainer_mod._append_credit_profile = append_credit_profile
     cfg = load_config(
         None,
         [
@@ -218,14 +211,12 @@ def worker_drl(model_dir: str, epochs: int, out_dir: str, gate: Gate, profile: s
             "logging.image_every=0",
         ],
     )
-    result = trainer_mod.train(cfg)
-    if len(starts) != epochs or len(ends) != epochs:  # the hooks did not fire: fall back to drl's own timer
-        raise RuntimeError("drl's epoch hooks did not fire: diffusion_rl.trainer changed; update worker_drl")
+    result = train(cfg, callbacks=[EpochTimer()])
     return {
         "epoch_s": [e - s for s, e in zip(starts, ends, strict=True)],
         "epoch_cpu_s": [e - s for s, e in zip(cpu_starts, cpu_ends, strict=True)],
-        "trainer_epoch_s": [h["perf/epoch_s"] - w for h, w in zip(result.history, waits, strict=True)],
-        "sample_s": [h["perf/sample_s"] - w for h, w in zip(result.history, waits, strict=True)],
+        "trainer_epoch_s": [h["perf/epoch_s"] for h in result.history],  # the gate wait is outside drl's clock
+        "sample_s": [h["perf/sample_s"] for h in result.history],
         "train_s": [h["perf/train_s"] for h in result.history],
     }
 

@@ -183,10 +183,10 @@ def train(
                 record.update({f"eval/{k}": v for k, v in evaluate_model(run).items()})
             log_epoch(run, epoch, record, samples, credit_result, similarities)
             result.history.append(record)
-            if (cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0) or epoch + 1 == cfg.num_epochs:
-                save_checkpoint(run, epoch + 1)
             for cb in run.callbacks:
                 cb.on_epoch_end(epoch, record)
+            if (cfg.checkpoint.every and (epoch + 1) % cfg.checkpoint.every == 0) or epoch + 1 == cfg.num_epochs:
+                save_checkpoint(run, epoch + 1)
         finish(run, result)
     return result
 

@@ -92,12 +92,56 @@ def test_all_problems_reported_at_once_with_paths_values_and_fixes():
         (["model.dtype=float64"], "model.dtype"),
         (["foo=1"], "foo: unknown key"),
         (["sample"], "expected key.path=value"),
+        (["advantage.min_count=64"], "advantage.min_count (64) exceeds advantage.buffer_size (32)"),
+        (["credit.kind=coca", "credit.window=2", "credit.buffer_size=31"],
+         "credit.buffer_size (31) must be even with credit.stage2=paper"),
+        (["credit.kind=coca", "credit.window=2", "credit.stage2=batch", "advantage.per_prompt_stat_tracking=false"],
+         "set credit.stage2=global"),
     ],
 )
 def test_each_rule_has_a_clear_message(overrides, fragment):
     with pytest.raises(ConfigError, match=None) as exc:
         load_config(None, overrides)
     assert fragment in str(exc.value)
+
+
+def test_stage2_global_pairs_with_batch_statistics():
+    cfg = load_config(None, ["credit.kind=coca", "credit.window=2", "credit.stage2=global",
+                             "advantage.per_prompt_stat_tracking=false"])
+    assert cfg.credit.stage2 == "global"
+
+
+def test_value_rules_that_used_to_raise_are_config_errors_with_exit_2(tmp_path):
+    """Rules the trainer's components used to enforce with a bare ValueError at start-up."""
+    for sets in (["advantage.min_count=64"], ["credit.kind=coca", "credit.window=2", "credit.buffer_size=7"]):
+        result = runner.invoke(app, ["train", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]])
+        assert result.exit_code == 2, result.output
+        assert "problem(s)" in result.output and "Traceback" not in result.output
+
+
+def test_mixed_precision_no_is_accepted_from_yaml_and_set(tmp_path):
+    """YAML 1.1 reads a bare `no` (accelerate's spelling) as false."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
+def test_field_docs_name_only_fields_that_exist():
+    import re
+
+    paths = {p for p, _ in documented_fields()}
+    sections = {p.split(".")[0] for p in paths if "." in p}
+    named = {m for _, doc in documented_fields() for m in re.findall(r"\b([a-z_]+\.[a-z_]+)\b", doc)
+             if m.split(".")[0] in sections}
+    assert named and named <= paths, sorted(named - paths)
+    # bare snake_case names too (e.g. a `num_prompts` that no section has), apart from these non-field words
+    leaves = {p.split(".")[-1] for p in paths} | {"model_index", "reward_to_go", "diffusion_rl"}
+    bare = {m for _, doc in documented_fields() for m in re.findall(r"(?<![\w./-])([a-z]+_[a-z_]+)\b", doc)}
+    assert bare <= leaves, sorted(bare - leaves)
 
 
 def test_overrides_are_typed_and_round_trip(tmp_path):

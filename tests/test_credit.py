@@ -335,6 +335,23 @@ def test_stage2_batch_and_running_differ_as_documented():
     assert not torch.allclose(r3.step_advantages, b3.step_advantages)
 
 
+def test_stage2_global_standardises_the_whole_step_return_matrix():
+    """stage2=global (the published code without per-prompt tracking): one (μ, σ) over every valid entry of R,
+    all prompts together; unscorable rows stay 0 and do not enter the statistics."""
+    g = torch.Generator().manual_seed(0)
+    sims = torch.rand(5, 5, generator=g).cumsum(1)
+    sims = sims / sims[:, -1:]  # s_T = 1
+    ctx = make_ctx([1.0, -0.5, 2.0, -1.0, 7.0], sims, prompts=["a", "a", "b", "b", "c"],
+                   valid=[True, True, True, True, False])
+    res = CoCACredit(window=2, alpha=0.0, stage2="global", adv_clip=None)(ctx)
+    R = ctx.advantages[:4, None].double() * reward_to_go(res.contributions[:4]).double()  # [4, T]
+    mu, sigma = R.mean(), ((R - R.mean()) ** 2).mean().sqrt()
+    close(res.step_advantages[:4], (R - mu) / (sigma + 1e-6))
+    assert torch.equal(res.step_advantages[4], torch.zeros(4))
+    batch = CoCACredit(window=2, alpha=0.0, stage2="batch", adv_clip=None)(ctx)
+    assert not torch.allclose(batch.step_advantages, res.step_advantages)  # per prompt is a different statistic
+
+
 @pytest.mark.parametrize("stage2", ["paper", "running"])
 def test_coca_state_dict_round_trip_json(stage2):
     g = torch.Generator().manual_seed(3)

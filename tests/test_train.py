@@ -402,3 +402,22 @@ def test_drl_eval_uses_the_runs_negative_prompt(tmp_path):
     without = evaluate(*args)[0]["jpeg_compressibility"]
     assert shown["mean"] == pytest.approx(with_negative["mean"], rel=1e-6)
     assert shown["mean"] != pytest.approx(without["mean"], rel=1e-6)
+
+
+def test_callbacks_are_told_of_every_epoch(tmp_path):
+    """The public seam benchmarks time phases through (no patching of private names)."""
+    from diffusion_rl.core.run import TrainerCallback
+
+    seen, records = [], []
+
+    class Recorder(TrainerCallback):
+        def on_epoch_start(self, epoch):
+            seen.append(("start", epoch))
+
+        def on_epoch_end(self, epoch, record):
+            seen.append(("end", epoch))
+            records.append(record)
+
+    result = train(_tiny(tmp_path, "num_epochs=2"), callbacks=[Recorder()])
+    assert seen == [("start", 0), ("end", 0), ("start", 1), ("end", 1)]
+    assert records == result.history and records[1]["perf/epoch_s"] > 0

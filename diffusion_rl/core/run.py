@@ -53,7 +53,8 @@ def versions(*distributions: str) -> dict[str, str]:
 
 class TrainerCallback:
     """Called by a trainer around each epoch; subclass and override what you need. `on_epoch_start` runs before
-    the epoch's clock starts, `on_epoch_end` after its record (the metrics logged for it) is complete."""
+    the epoch's clock starts, `on_epoch_end` once its record (the metrics logged for it) is written, before the
+    epoch's checkpoint."""
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
