@@ -205,8 +205,15 @@ def credit_inspect(
         typer.echo(f"{k:>4}  {c:>12.4f}  {a:>11.4f}  {'#' * int(round(20 * max(c, 0) / peak))}")
 
 
+def _mount_reason_cli() -> None:
+    from reasoning_rl.cli import app as reason_app
+
+    app.add_typer(reason_app, name="reason", help="GRPO for language models (drl reason train / config show).")
+
+
 def main() -> None:
     _mount_reward_cli()
+    _mount_reason_cli()
     app(prog_name="drl")
 
 

@@ -215,7 +215,7 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     pipe, unet, params, optimizer, lr_scheduler = _setup_model_and_optimizer(cfg, accelerator)
     guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, cfg.train.max_grad_norm,
                                cfg.train.max_consecutive_nonfinite)
-    reward_fn = _load_reward(cfg) if reward_fn is None else _as_reward(reward_fn)
+    reward_fn = cfg.reward.build() if reward_fn is None else _as_reward(reward_fn)
     assigner = (credit.as_credit_assigner(credit_fn) if credit_fn is not None
                 else credit.make_credit(cfg.credit.kind, **_credit_options(cfg)))
     prompt_set = load_prompts(cfg.prompts)
@@ -636,15 +636,6 @@ class _Trackers:
 
 def _as_reward(fn: Callable) -> rewards.RewardFn:
     return fn if isinstance(fn, rewards.RewardFn) else rewards.CallableReward(getattr(fn, "__name__", "custom_reward"), fn)
-
-
-def _load_reward(cfg: RunConfig) -> rewards.RewardFn:
-    r = cfg.reward
-    if r.components:
-        specs = [{"name": c.name, "weight": c.weight, **({"label": c.label} if c.label else {}), **c.options}
-                 for c in r.components]
-        return rewards.load_multi(specs, mode=r.combine)
-    return rewards.load(r.name, **r.options)
 
 
 def _load_eval_reward(cfg: RunConfig, train_reward: rewards.RewardFn) -> rewards.RewardFn:

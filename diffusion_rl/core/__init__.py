@@ -11,5 +11,6 @@ checks). A "sample" is whatever a trainer generates (a denoising trajectory, a c
     tb.py          TensorBoard scalars / hparams / text / per-index profiles
     run.py         seeding, resume rules, the optimizer-step guard, trainer state saved and restored
                    side by side, trainer callbacks, EMA of the trainable weights
+    prompts.py     prompt sets and the per-epoch, per-rank prompt sampler (checkpointed)
     cli.py         the CLI error convention shared by `drl` and `drl reason` (one message, exit 2)
 """

@@ -102,6 +102,16 @@ class RewardConfig(Section):
     overlap: bool = True
     """Score batch i in a worker thread while batch i+1 is generated."""
 
+    def build(self):
+        """The configured reward from the `rewards` registry: one reward, or the weighted multi-reward."""
+        import rewards
+
+        if self.components:
+            specs = [{"name": c.name, "weight": c.weight, **({"label": c.label} if c.label else {}), **c.options}
+                     for c in self.components]
+            return rewards.load_multi(specs, mode=self.combine)
+        return rewards.load(self.name, **self.options)
+
 
 class AdvantageConfig(Section):
     per_prompt_stat_tracking: bool = True

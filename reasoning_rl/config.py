@@ -1,0 +1,241 @@
+"""The reasoning trainer's typed run configuration (`ReasonConfig`) and its cross-field rules.
+
+It mirrors the diffusion trainer's `RunConfig` section by section (model, rollout ~ sample, prompts, reward,
+advantage, train, logging, checkpoint, eval), on the same machinery (`diffusion_rl.core.config`): unknown keys
+rejected with a suggestion, a docstring on every field (`drl reason config show --doc`), every problem reported
+at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from diffusion_rl.core import config as core_config
+from diffusion_rl.core.config import (  # noqa: F401  (re-exported)
+    CheckpointConfig,
+    ConfigError,
+    MixedPrecision,
+    RewardConfig,
+    Section,
+)
+
+
+class ModelConfig(Section):
+    pretrained: str = "builtin:tiny-random-lm"
+    """Causal LM: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`), a local directory with `config.json`, or
+    `builtin:tiny-random-lm` (a tiny randomly initialised Qwen2 with a character tokenizer, built offline)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
+    local_files_only: bool = False
+    """Never contact the hub; load only from the local cache or directory."""
+    gguf_file: str | None = None
+    """A GGUF file inside `pretrained` (a local directory) to load through transformers (dequantised)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the frozen weights. Trainable LoRA parameters are fp32; log-probs are computed in fp32."""
+    trust_remote_code: bool = False
+    """Run a model repository's own Python code. Off: only architectures transformers ships load."""
+    use_lora: bool = True
+    """Train LoRA adapters (peft); false fine-tunes every weight (a frozen copy is the KL reference)."""
+    lora_rank: int = Field(8, ge=1)
+    """LoRA rank r."""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA alpha (scale = alpha / r)."""
+    lora_target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module names that receive LoRA adapters (the attention and MLP projections of Llama/Qwen-style models)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    seed: int = 0
+    """Seed of the weights of `builtin:tiny-random-lm` (ignored for other models)."""
+
+
+class RolloutConfig(Section):
+    num_generations: int = Field(4, ge=1)
+    """G: completions sampled per prompt (the group of the per-prompt statistics)."""
+    prompts_per_step: int = Field(4, ge=1)
+    """Prompts per process per training step (so completions per step = prompts_per_step x num_generations)."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest completion, in tokens; longer ones are cut and marked truncated."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; the training forward divides the logits by the same value, so log-probs match."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = Field(0, ge=0)
+    """Sample from the k most likely tokens only (0 = off)."""
+    stop_strings: list[str] = []
+    """Generation stops at the first of these strings (it is kept in the completion)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per `generate` call (memory knob; results do not depend on it)."""
+
+
+class PromptsConfig(Section):
+    source: Literal["list", "jsonl", "dataset"] = "list"
+    """Where problems come from: the `problems` list, a JSONL file (`path`), or a `datasets` dataset."""
+    problems: list[dict] = [{"problem": "What is 2 + 3?", "answer": "5"}, {"problem": "What is 4 + 1?", "answer": "5"}]
+    """Problems used when source = list: mappings with at least the problem column."""
+    path: str | None = None
+    """JSONL file (one object per line) when source = jsonl."""
+    dataset: str | None = None
+    """`datasets` hub id or local path (a saved dataset or a data file) when source = dataset."""
+    split: str = "train"
+    """Dataset split."""
+    problem_column: str = "problem"
+    """Column holding the problem text."""
+    answer_column: str | None = "answer"
+    """Column holding the reference answer (passed to rewards as metadata["answer"]); empty = none."""
+    solution_column: str | None = None
+    """Optional column with a reference solution trace (metadata["solution"])."""
+    system_prompt: str | None = None
+    """System message put before each problem in the chat template."""
+    use_chat_template: bool = True
+    """Format problems with the tokenizer's chat template (an error if it has none); false = the raw text."""
+
+
+class AdvantageConfig(Section):
+    scale: Literal["group", "none"] = "group"
+    """group: A = (R - group mean) / (group std + epsilon) (GRPO); none: A = R - group mean (Dr.GRPO)."""
+    epsilon: float = Field(1e-4, gt=0)
+    """Added to the group std before dividing (TRL 1e-4, verl 1e-6)."""
+    unbiased_std: bool = True
+    """Bessel-corrected (n - 1) group std, as every LLM framework uses."""
+
+
+class TrainConfig(Section):
+    learning_rate: float = Field(1e-5, gt=0)
+    """AdamW learning rate (the peak, when lr_schedule is not constant)."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule over the run's optimizer steps; a function of the global step (resume-exact)."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to learning_rate."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Clip the total gradient norm before each optimizer step."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Completions per training forward/backward (gradients are accumulated over the step's completions)."""
+    num_iterations: int = Field(1, ge=1)
+    """PPO passes over each step's completions (mu); > 1 makes the old log-probs differ from the current ones."""
+    clip_range: float = Field(0.2, gt=0, lt=1)
+    """PPO clip epsilon_low: the token ratio is kept >= 1 - clip_range."""
+    clip_range_high: float | None = Field(None, gt=0)
+    """PPO clip epsilon_high (clip-higher, DAPO 0.28); defaults to clip_range."""
+    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    """token_mean: every completion token of the micro-batch weighs the same; seq_mean: each completion's token
+    mean, then the mean over completions (GRPO as published)."""
+    beta: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to the reference (the model with LoRA disabled) in the loss."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator for the penalty."""
+    mask_truncated_completions: bool = False
+    """Give completions cut at max_new_tokens no loss (DAPO's overlong filtering)."""
+    mixed_precision: MixedPrecision = "no"
+    """accelerate mixed precision for the forward (no, fp16 or bf16); log-probs and losses stay fp32."""
+    max_consecutive_nonfinite: int = Field(3, ge=1)
+    """Abort after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+
+
+class LoggingConfig(Section):
+    completions_every: int = Field(1, ge=0)
+    """Write sample completions (prompt, completion, reward) as TensorBoard text every N steps (0 = never)."""
+    num_completions: int = Field(4, ge=1)
+    """Completions in that text."""
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)
+    """Evaluate every N steps (0 = only before and after training when eval.problems are given)."""
+    problems: list[dict] = []
+    """Held-out problems (same columns as the training prompts); empty = no evaluation."""
+    num_generations: int = Field(1, ge=1)
+    """Sampled completions per held-out problem (greedy accuracy is always reported too)."""
+
+
+class ReasonConfig(Section):
+    """A full `drl reason train` run. Defaults train the tiny random LM in seconds."""
+
+    seed: int = 42
+    """Seed for prompts, sampling and shuffles (combined with the process index)."""
+    num_steps: int = Field(4, ge=1)
+    """Training steps: each generates completions, scores them and runs the PPO passes."""
+    output_dir: str = "runs/reason"
+    """Run directory: TensorBoard logs, completions, checkpoints, final LoRA/model, resolved config."""
+    model: ModelConfig = ModelConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    reward: RewardConfig = RewardConfig(name="math_answer")
+    advantage: AdvantageConfig = AdvantageConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def geometry(self, world_size: int) -> dict[str, int]:
+        """Derived batch numbers, printed at start-up."""
+        r, t = self.rollout, self.train
+        completions = r.prompts_per_step * r.num_generations
+        return {
+            "prompts_per_step": r.prompts_per_step * world_size,
+            "completions_per_step": completions * world_size,
+            "completions_per_step_per_process": completions,
+            "micro_batches_per_update": -(-completions // t.micro_batch_size),
+            "updates_per_step": t.num_iterations,
+            "max_tokens_per_step": completions * world_size * r.max_new_tokens,
+        }
+
+    def hash(self) -> str:
+        return core_config.config_hash(self)
+
+
+def cross_field_problems(cfg: ReasonConfig) -> list[str]:
+    problems: list[str] = []
+    p, r, t = cfg.prompts, cfg.rollout, cfg.train
+    if p.source == "list" and not p.problems:
+        problems.append("prompts.problems is empty; add problems or use prompts.source=jsonl/dataset")
+    if p.source == "list":
+        missing = [i for i, row in enumerate(p.problems) if p.problem_column not in row]
+        if missing:
+            problems.append(
+                f"prompts.problems[{missing[0]}] has no {p.problem_column!r} key (prompts.problem_column); "
+                f"each problem needs one, e.g. {{{p.problem_column}: 'What is 2 + 3?', answer: '5'}}"
+            )
+    if p.source == "jsonl" and not p.path:
+        problems.append("prompts.source=jsonl needs prompts.path (a .jsonl file)")
+    if p.source == "dataset" and not p.dataset:
+        problems.append("prompts.source=dataset needs prompts.dataset (a hub id or local path)")
+    if r.num_generations < 2:
+        problems.append(
+            f"rollout.num_generations ({r.num_generations}) < 2: a group of one has no spread, so every advantage "
+            "is 0; use at least 2 (GRPO uses 8)"
+        )
+    if t.beta > 0 and not cfg.model.use_lora:
+        problems.append("train.beta > 0 needs model.use_lora=true (the reference is the model with LoRA disabled)")
+    if cfg.model.gguf_file and cfg.model.use_lora is False and cfg.model.dtype != "float32":
+        problems.append("model.gguf_file loads dequantised fp32 weights; use model.dtype=float32 with a GGUF file")
+    problems += core_config.reward_problems(cfg.reward)
+    return problems
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ReasonConfig:
+    """A YAML config (or the defaults when `path` is None) with `--set` overrides, validated."""
+    cfg = core_config.load(ReasonConfig, path, overrides, cross_field_problems)
+    if path is not None and cfg.prompts.path and not Path(cfg.prompts.path).is_absolute():
+        beside = Path(path).parent / cfg.prompts.path
+        if beside.exists() and not Path(cfg.prompts.path).exists():
+            cfg.prompts.path = str(beside)
+    return cfg
+
+
+def dump_config(cfg: ReasonConfig) -> str:
+    return core_config.dump(cfg)
+
+
+def documented_fields(model=ReasonConfig, prefix: str = "") -> list[tuple[str, str]]:
+    return core_config.documented_fields(model, prefix)

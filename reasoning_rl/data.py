@@ -1,0 +1,92 @@
+"""Problems for the reasoning trainer: from the config's list, a JSONL file or a `datasets` dataset, with
+configurable columns; and the chat-template formatting of a problem into the prompt the policy sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusion_rl.core.prompts import PromptError, PromptSet
+from reasoning_rl.config import PromptsConfig
+
+
+def load_problems(cfg: PromptsConfig) -> PromptSet:
+    """PromptSet whose prompts are the problem texts and whose metadata rows are the other columns, with the
+    reference answer under `answer` and the reference solution under `solution` (what rewards read)."""
+    if cfg.source == "list":
+        rows, where = list(cfg.problems), "prompts.problems"
+    elif cfg.source == "jsonl":
+        rows, where = _read_jsonl(Path(cfg.path)), cfg.path
+    else:
+        rows, where = _read_dataset(cfg.dataset, cfg.split), f"dataset {cfg.dataset!r} split {cfg.split!r}"
+    return rows_to_problems(rows, cfg, where)
+
+
+def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str) -> PromptSet:
+    """Rows (mappings of columns) -> PromptSet, checking the configured columns exist."""
+    if not rows:
+        raise PromptError(f"{where} holds no problems")
+    columns = {cfg.problem_column: "problem", cfg.answer_column: "answer", cfg.solution_column: "solution"}
+    for key, what in columns.items():
+        if key and key not in rows[0]:
+            raise PromptError(
+                f"{where} has no column {key!r} (the {what}; columns: {sorted(rows[0])}); set prompts."
+                f"{what}_column to one of them" + ("" if what == "problem" else " or to null")
+            )
+    prompts, metadata = [], []
+    for row in rows:
+        meta = {k: v for k, v in row.items() if k != cfg.problem_column}
+        if cfg.answer_column:
+            meta["answer"] = row[cfg.answer_column]
+        if cfg.solution_column:
+            meta["solution"] = row[cfg.solution_column]
+        prompts.append(str(row[cfg.problem_column]))
+        metadata.append(meta)
+    return PromptSet(prompts, metadata)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise PromptError(f"prompts.path {str(path)!r} does not exist; pass a JSONL file with one problem per line")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PromptError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def _read_dataset(name: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        if Path(name).is_dir():
+            loaded = datasets.load_from_disk(name)
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        elif Path(name).is_file():
+            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(Path(name).suffix)
+            if kind is None:
+                raise PromptError(f"prompts.dataset {name!r}: use a .jsonl, .json, .csv or .parquet file")
+            ds = datasets.load_dataset(kind, data_files=name, split="train")
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise PromptError(f"could not load prompts.dataset {name!r} split {split!r}: {err}") from None
+    return [dict(row) for row in ds]
+
+
+def format_prompt(tokenizer, problem: str, system_prompt: str | None, use_chat_template: bool) -> str:
+    """The text the policy continues: the chat template with the generation prompt (and the system message)."""
+    if not use_chat_template:
+        return problem
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(
+            f"the tokenizer of this model has no chat template ({type(tokenizer).__name__}); set "
+            "prompts.use_chat_template=false to feed the raw problem text, or use an instruct/chat model"
+        )
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": problem}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

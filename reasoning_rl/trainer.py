@@ -1,0 +1,483 @@
+"""The reasoning trainer: GRPO for causal language models, on the same core as the diffusion trainer.
+
+`train()` is the outline; each phase is a function below it, in loop order (the diffusion trainer's names,
+with "epoch" -> "step" and trajectories -> completions):
+
+    setup             accelerator, model + tokenizer + LoRA, optimizer, lr schedule, reward, problems, sampler
+    restore           resume from a checkpoint: weights, optimizer, RNG, prompt sampler, counters
+    evaluate_before   greedy and sampled accuracy on the held-out problems
+    per step:
+      generate_step       every process takes `prompts_per_step` problems and samples G completions of each
+                          (left-padded prompts, completions up to eos / a stop string / max_new_tokens); the
+                          reward scores them
+      compute_advantages  per-group standardisation over each problem's G completions (GRPO; Dr.GRPO without
+                          the std), NaN rewards -> advantage 0
+      train_step          `num_iterations` passes over the completions in micro-batches: recompute
+                          log pi_theta per token (temperature applied, fp32), clipped surrogate (+ beta * KL to
+                          the adapter-disabled model), one guarded optimizer step per pass
+      log_step            reward/, loss/, reason/ scalars, sample completions as text, metrics.jsonl
+      evaluate / save_checkpoint
+    finish            final evaluation, the trained LoRA (or model) saved with its tokenizer
+
+Launch with `drl reason train` (one process) or `accelerate launch -m diffusion_rl.cli reason train ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+import rewards
+from diffusion_rl.core import checkpoint, grpo
+from diffusion_rl.core.prompts import PromptSampler, PromptSet
+from diffusion_rl.core.run import (
+    MetricAccumulator,
+    OptimizerStepGuard,
+    TrainerCallback,
+    TrainerState,
+    check_resume_config,
+    derive_seed,
+    fast_forward,
+    versions,
+)
+from diffusion_rl.core.tb import Writer
+from reasoning_rl.config import ReasonConfig, dump_config
+from reasoning_rl.data import format_prompt, load_problems, rows_to_problems
+from reasoning_rl.models import load_policy, prepare_trainable, save_trained
+from reasoning_rl.rollout import Rollouts, generate, token_log_probs
+
+# Config sections a resumed run may change freely; any other difference is reported (model changes are errors).
+RESUME_FREE = ("num_steps", "output_dir", "logging", "checkpoint", "eval")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    history: list[dict] = field(default_factory=list)  # one metrics dict per step run in this call
+    weights_dir: Path | None = None
+    eval_before: dict | None = None
+    eval_after: dict | None = None
+    model: object | None = None  # the trained model (peft-wrapped under LoRA), ready to generate
+    tokenizer: object | None = None
+    process_index: int = 0
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds once per `train()` call; the phases read and update it."""
+
+    cfg: ReasonConfig
+    out: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # the accelerate-prepared model (DDP syncs its trainable gradients)
+    raw_model: torch.nn.Module  # the same model unwrapped (generation, the reference, saving)
+    tokenizer: object
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    guard: OptimizerStepGuard
+    reward_fn: rewards.RewardFn
+    problems: PromptSet
+    sampler: PromptSampler
+    writer: Writer
+    callbacks: Sequence[TrainerCallback]
+    start_step: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def stateful(self) -> dict:
+        return {"prompt_sampler": self.sampler}
+
+
+def train(
+    cfg: ReasonConfig,
+    reward_fn: Callable | None = None,
+    advantage_fn: Callable | None = None,
+    resume: str | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Run `cfg`. `reward_fn(completions, prompts, metadata) -> (scores, info)` overrides the configured reward;
+    `advantage_fn(rewards [B], group_ids [B]) -> advantages [B]` replaces the group standardisation (the Python
+    API for reward- and advantage-shaping experiments)."""
+    run = setup(cfg, reward_fn, callbacks)
+    result = TrainResult(output_dir=run.out, process_index=run.rank)
+    with run.writer:
+        restore(run, resume)
+        print_startup(run)
+        result.eval_before = evaluate_before(run)
+        for step in range(run.start_step, cfg.num_steps):
+            for cb in run.callbacks:
+                cb.on_epoch_start(step)
+            t_step = time.perf_counter()
+            rollouts, scores, reward_info = generate_step(run, step)
+            t_generated = time.perf_counter()
+            advantages = compute_advantages(run, rollouts, scores, advantage_fn)
+            losses = train_step(run, rollouts, advantages, step)
+            timings = {"generate_s": t_generated - t_step, "train_s": time.perf_counter() - t_generated,
+                       "step_s": time.perf_counter() - t_step}
+            record = step_record(run, step, rollouts, scores, advantages, losses, timings)
+            if cfg.eval.problems and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.num_steps:
+                record.update({f"eval/{k}": v for k, v in evaluate_model(run).items()})
+            log_step(run, step, record, rollouts, scores)
+            result.history.append(record)
+            for cb in run.callbacks:
+                cb.on_epoch_end(step, record)
+            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.num_steps:
+                save_checkpoint(run, step + 1)
+        finish(run, result)
+    return result
+
+
+# ================================================================================================
+# set-up and resume
+# ================================================================================================
+
+
+def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[TrainerCallback] = ()) -> Run:
+    AcceleratorState._reset_state(reset_partial_state=False)
+    geo = cfg.geometry(1)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=geo["micro_batches_per_update"],  # one optimizer step per pass
+    )
+    set_seed(cfg.seed, device_specific=True)
+    m, t = cfg.model, cfg.train
+    raw_model, tokenizer = load_policy(m.pretrained, m.revision, m.dtype, m.local_files_only, m.trust_remote_code,
+                                       m.gguf_file, m.seed)
+    raw_model, params = prepare_trainable(raw_model, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules,
+                                          m.gradient_checkpointing)
+    raw_model.to(accelerator.device)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
+        num_warmup_steps=t.lr_warmup_steps, num_training_steps=cfg.num_steps * t.num_iterations,
+    )
+    guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, t.max_grad_norm,
+                               t.max_consecutive_nonfinite)
+    if reward_fn is None:
+        reward_fn = cfg.reward.build()
+    elif not isinstance(reward_fn, rewards.RewardFn):
+        reward_fn = rewards.CallableReward(getattr(reward_fn, "__name__", "custom_reward"), reward_fn)
+    problems = load_problems(cfg.prompts)
+    out = Path(cfg.output_dir)
+    return Run(
+        cfg=cfg, out=out, accelerator=accelerator, model=model, raw_model=accelerator.unwrap_model(model),
+        tokenizer=tokenizer, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, guard=guard,
+        reward_fn=reward_fn, problems=problems,
+        sampler=PromptSampler(problems, cfg.seed, accelerator.num_processes, accelerator.process_index),
+        writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
+    )
+
+
+def restore(run: Run, resume: str | None) -> None:
+    if not resume:
+        return
+    ckpt = checkpoint.find_checkpoint(resume, run.out)
+    saved, tensors = checkpoint.load_trainer_state(ckpt)
+    changed = check_resume_config(saved["config"], run.cfg.model_dump(mode="json"), RESUME_FREE, fixed=("model",))
+    if changed and run.main:
+        print(f"[drl] warning: resuming with changed settings in {changed}; the config file value is used")
+    run.accelerator.load_state(str(ckpt))
+    state = TrainerState.restore(saved, tensors, run.stateful(), run.world, str(ckpt))
+    run.start_step = state.epochs_done
+    run.guard.global_step = state.global_step
+    run.guard.nonfinite_skipped, run.guard.overflow_skipped = state.nonfinite_skipped, state.overflow_skipped
+    fast_forward(run.lr_scheduler, state.global_step)
+    if run.main:
+        print(f"[drl] resumed from {ckpt} at step {state.epochs_done}, global step {state.global_step}")
+
+
+def print_startup(run: Run) -> None:
+    cfg, geo = run.cfg, run.cfg.geometry(run.world)
+    run.writer.hparams(cfg, geo)
+    if not run.main:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "config.yaml").write_text(dump_config(cfg))
+    trainable = sum(p.numel() for p in run.params)
+    total = sum(p.numel() for p in run.raw_model.parameters())
+    print(f"[drl] run directory: {run.out.resolve()}")
+    print(
+        f"[drl] {run.world} process(es) | prompts/step {geo['prompts_per_step']} | completions/step "
+        f"{geo['completions_per_step']} ({cfg.rollout.num_generations} per prompt) | updates/step "
+        f"{geo['updates_per_step']} | micro-batches/update {geo['micro_batches_per_update']} | tokens/step "
+        f"<= {geo['max_tokens_per_step']}"
+    )
+    adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else "full fine-tune"
+    print(f"[drl] model {cfg.model.pretrained} | {adapter} | {trainable:,} of {total:,} params trainable | "
+          f"reward {run.reward_fn.name} | {len(run.problems.prompts)} problems")
+
+
+def evaluate_before(run: Run) -> dict | None:
+    if not run.cfg.eval.problems or run.start_step > 0:
+        return None
+    result = evaluate_model(run)
+    run.writer.scalars("eval", result, 0)
+    if run.main:
+        print("[drl] eval before training: " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+# ================================================================================================
+# 1. generation and reward
+# ================================================================================================
+
+
+def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
+    """This process's completions for `step` and their rewards [B] (NaN = unscorable)."""
+    cfg, r = run.cfg, run.cfg.rollout
+    (ids,) = run.sampler.epoch_indices(step, 1, r.prompts_per_step)
+    problems = [run.problems.prompts[i] for i in ids]
+    metadata = [run.problems.metadata[i] for i in ids]
+    texts = [format_prompt(run.tokenizer, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template) for p in problems]
+    torch.manual_seed(derive_seed(cfg.seed, step, run.rank))  # generate samples from the global generator
+    run.model.eval()
+    rollouts = generate(
+        run.raw_model, run.tokenizer, texts, problems, metadata, r.num_generations, r.max_new_tokens, r.temperature,
+        r.top_p, r.top_k, r.stop_strings, r.batch_size,
+    )
+    scores, info = run.reward_fn(rollouts.completions, rollouts.prompts, rollouts.metadata)
+    scores = scores.float().cpu()
+    valid = torch.isfinite(scores)
+    if cfg.reward.nonfinite == "error" and not bool(valid.all()):
+        raise rewards.RewardError(
+            f"reward {run.reward_fn.name!r} returned {int((~valid).sum())} non-finite score(s) at step {step}; fix the "
+            "reward or set reward.nonfinite=mask to skip such completions"
+        )
+    if float((~valid).float().mean()) > cfg.reward.max_unscorable_fraction:
+        raise rewards.RewardError(
+            f"reward {run.reward_fn.name!r}: {int((~valid).sum())}/{len(valid)} completions unscorable at step {step}, "
+            f"more than reward.max_unscorable_fraction={cfg.reward.max_unscorable_fraction}"
+        )
+    return rollouts, scores, info
+
+
+# ================================================================================================
+# 2. advantages
+# ================================================================================================
+
+
+def compute_advantages(run: Run, rollouts: Rollouts, scores: torch.Tensor, advantage_fn: Callable | None) -> torch.Tensor:
+    """[B] fp32: each completion's reward standardised within its problem's G completions (all on this process)."""
+    G, a = run.cfg.rollout.num_generations, run.cfg.advantage
+    group_ids = torch.arange(len(rollouts)) // G  # [B]: G consecutive completions per problem
+    if advantage_fn is not None:
+        adv = torch.as_tensor(advantage_fn(scores, group_ids), dtype=torch.float32)
+        if adv.shape != scores.shape:
+            raise ValueError(f"advantage_fn returned shape {tuple(adv.shape)}; expected [B] = {tuple(scores.shape)}")
+        return torch.where(torch.isfinite(scores), adv, 0.0)
+    return grpo.group_advantages(scores, group_ids, scale_std=a.scale == "group", eps=a.epsilon, unbiased=a.unbiased_std)
+
+
+# ================================================================================================
+# 3. training
+# ================================================================================================
+
+
+def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int) -> dict[str, float]:
+    """`num_iterations` PPO passes over the step's completions, one guarded optimizer step per pass."""
+    cfg, t = run.cfg, run.cfg.train
+    device = run.accelerator.device
+    loss_mask = rollouts.completion_mask.clone()
+    if t.mask_truncated_completions:
+        loss_mask = loss_mask * rollouts.stopped[:, None].long()  # cut completions get no loss
+    # log pi_old: the sampling policy. With one pass it equals the current policy (ratio 1, detached), so it is
+    # only computed when the batch is reused.
+    old_logp = _log_probs_no_grad(run, rollouts, run.raw_model) if t.num_iterations > 1 else None
+    ref_logp = _reference_log_probs(run, rollouts) if t.beta > 0 else None
+    run.model.train()
+    metrics, grad_norms = MetricAccumulator(), []
+    B = len(rollouts)
+    for iteration in range(t.num_iterations):
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, iteration)))
+        for start in tqdm(range(0, B, t.micro_batch_size), desc=f"step {step} training", disable=not run.main, leave=False):
+            idx = order[start : start + t.micro_batch_size]
+            with run.accelerator.accumulate(run.model):
+                with run.accelerator.autocast():
+                    logp, _ = token_log_probs(run.model, rollouts.prompt_ids[idx], rollouts.prompt_mask[idx],
+                                              rollouts.completion_ids[idx], rollouts.completion_mask[idx],
+                                              cfg.rollout.temperature)
+                loss, step_metrics = grpo.policy_loss(
+                    logp,  # [b, C] fp32
+                    (old_logp[idx] if old_logp is not None else logp.detach()),
+                    advantages[idx].to(device),  # [b], broadcast over tokens
+                    mask=loss_mask[idx].to(device),
+                    clip_low=t.clip_range, clip_high=t.clip_range_high or t.clip_range, adv_clip=None,
+                    aggregation=t.loss_aggregation,
+                    logp_ref=ref_logp[idx] if ref_logp is not None else None, kl_coef=t.beta, kl_estimator=t.kl_estimator,
+                )
+                run.accelerator.backward(loss)
+                metrics.add(step_metrics)
+                if run.accelerator.sync_gradients:
+                    grad_norm = run.guard.step(loss, where=f"(step {step})")
+                    if grad_norm is not None:
+                        grad_norms.append(grad_norm)
+    return {**metrics.result(), "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "updates": len(grad_norms)}
+
+
+@torch.no_grad()
+def _log_probs_no_grad(run: Run, rollouts: Rollouts, model) -> torch.Tensor:
+    """[B, C] fp32 log-probs of the completions under `model`, in micro-batches, under the training autocast."""
+    t = run.cfg.train
+    parts = []
+    for start in range(0, len(rollouts), t.micro_batch_size):
+        rows = slice(start, start + t.micro_batch_size)
+        with run.accelerator.autocast():
+            logp, _ = token_log_probs(model, rollouts.prompt_ids[rows], rollouts.prompt_mask[rows],
+                                      rollouts.completion_ids[rows], rollouts.completion_mask[rows],
+                                      run.cfg.rollout.temperature)
+        parts.append(logp)
+    return torch.cat(parts)
+
+
+def _reference_log_probs(run: Run, rollouts: Rollouts) -> torch.Tensor:
+    """log pi_ref [B, C]: the model with its LoRA adapters disabled (no second copy in memory)."""
+    with run.raw_model.disable_adapter():
+        return _log_probs_no_grad(run, rollouts, run.raw_model)
+
+
+# ================================================================================================
+# 4. logging, evaluation, checkpoints
+# ================================================================================================
+
+
+def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, advantages: torch.Tensor,
+                losses: dict, timings: dict) -> dict:
+    """The metrics of one step, gathered over processes, by TensorBoard group."""
+    acc, device = run.accelerator, run.accelerator.device
+    scores_all = acc.gather(scores.to(device)).cpu()  # [B * world]
+    lengths = acc.gather(rollouts.lengths.float().to(device)).cpu()
+    stopped = acc.gather(rollouts.stopped.float().to(device)).cpu()
+    prompts_all = gather_object(rollouts.prompts)
+    finite = scores_all[torch.isfinite(scores_all)]
+    losses = dict(losses)
+    losses.pop("updates")
+    return {
+        "step": step,
+        "global_step": run.guard.global_step,
+        "reward/mean": float(finite.mean()) if len(finite) else float("nan"),
+        "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
+        "reward/unscorable": int((~torch.isfinite(scores_all)).sum()),
+        "reason/frac_reward_zero_std": grpo.frac_zero_std_groups(prompts_all, scores_all),
+        "reason/completion_length_mean": float(lengths.mean()),
+        "reason/completion_length_min": float(lengths.min()),
+        "reason/completion_length_max": float(lengths.max()),
+        "reason/clipped_ratio": float(1.0 - stopped.mean()),
+        "reason/advantage_abs_mean": float(advantages.abs().mean()),
+        "loss/learning_rate": run.lr_scheduler.get_last_lr()[0],
+        **{f"loss/{k}": v for k, v in losses.items()},
+        "loss/nonfinite_skipped_total": run.guard.nonfinite_skipped,
+        **{f"perf/{k}": v for k, v in timings.items()},
+        "perf/completions_per_s": len(scores_all) / max(timings["step_s"], 1e-9),
+    }
+
+
+def log_step(run: Run, step: int, record: dict, rollouts: Rollouts, scores: torch.Tensor) -> None:
+    run.writer.epoch(record, step + 1)
+    if not run.main:
+        return
+    every, n = run.cfg.logging.completions_every, run.cfg.logging.num_completions
+    if every and (step + 1) % every == 0:
+        rows = [{"step": step, "prompt": p, "completion": c, "reward": float(s)}
+                for p, c, s in zip(rollouts.prompts[:n], rollouts.completions[:n], scores[:n].tolist(), strict=True)]
+        run.writer.text("reason/completions", "\n\n".join(
+            f"**{r['prompt']}** (reward {r['reward']:.3f})\n\n    {r['completion']}" for r in rows), step + 1)
+        with open(run.out / "completions.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(
+        f"[drl] step {step}: reward {record['reward/mean']:.4f} +- {record['reward/std']:.4f} | length "
+        f"{record['reason/completion_length_mean']:.1f} | zero-std groups {record['reason/frac_reward_zero_std']:.2f} | "
+        f"clipfrac {record.get('loss/clipfrac', 0):.3f} | {record['perf/step_s']:.1f} s"
+        + (f" | eval greedy {record['eval/greedy_reward']:.4f}" if "eval/greedy_reward" in record else "")
+    )
+
+
+@torch.no_grad()
+def evaluate_model(run: Run) -> dict[str, float]:
+    """The reward's mean on the held-out problems for greedy completions (one per problem) and for sampled ones
+    (eval.num_generations per problem at the rollout temperature): the accuracy when the reward is 0/1
+    correctness; and the mean sampled completion length. Seeded independently of training."""
+    cfg = run.cfg
+    held_out = rows_to_problems(cfg.eval.problems, cfg.prompts, "eval.problems")
+    problems, metadata = held_out.prompts, held_out.metadata
+    texts = [format_prompt(run.tokenizer, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template) for p in problems]
+    was_training = run.model.training
+    run.model.eval()
+    r = cfg.rollout
+    enc = run.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(run.accelerator.device)
+    greedy = run.raw_model.generate(**enc, max_new_tokens=r.max_new_tokens, do_sample=False,
+                                    pad_token_id=run.tokenizer.pad_token_id, eos_token_id=run.tokenizer.eos_token_id)
+    greedy_text = run.tokenizer.batch_decode(greedy[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    greedy_scores, _ = run.reward_fn(greedy_text, problems, metadata)
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(derive_seed(cfg.seed, 999_999))
+    try:
+        sampled = generate(run.raw_model, run.tokenizer, texts, problems, metadata, cfg.eval.num_generations,
+                           r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop_strings, r.batch_size)
+    finally:
+        torch.random.set_rng_state(rng)
+    sampled_scores, _ = run.reward_fn(sampled.completions, sampled.prompts, sampled.metadata)
+    run.model.train(was_training)
+    return {
+        "greedy_reward": float(torch.nan_to_num(greedy_scores.float()).mean()),  # accuracy for a 0/1 reward
+        "sampled_reward": float(torch.nan_to_num(sampled_scores.float()).mean()),
+        "completion_length": float(sampled.lengths.float().mean()),
+    }
+
+
+def save_checkpoint(run: Run, steps_done: int) -> None:
+    g, cfg = run.guard, run.cfg
+    state = TrainerState(
+        epochs_done=steps_done, global_step=g.global_step, nonfinite_skipped=g.nonfinite_skipped,
+        overflow_skipped=g.overflow_skipped, world_size=run.world, config=cfg.model_dump(mode="json"),
+        config_hash=cfg.hash(), versions=_versions(),
+    )
+    state_dict, tensors = state.to_dict(run.stateful())
+    checkpoint.save(run.accelerator, run.out / "checkpoints", steps_done, state_dict, dump_config(cfg),
+                    cfg.checkpoint.keep_last, tensors)
+
+
+def finish(run: Run, result: TrainResult) -> None:
+    cfg = run.cfg
+    if cfg.eval.problems:
+        result.eval_after = evaluate_model(run)
+        run.writer.scalars("eval", result.eval_after, cfg.num_steps)
+        if run.main:
+            print("[drl] eval after training: " + " | ".join(f"{k} {v:.4f}" for k, v in result.eval_after.items()))
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        result.weights_dir = save_trained(run.raw_model, run.tokenizer, cfg.model.use_lora, run.out)
+        print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    result.model, result.tokenizer = run.raw_model, run.tokenizer
+
+
+def _versions() -> dict:
+    import diffusion_rl
+
+    return {"drl": diffusion_rl.__version__, **versions("torch", "transformers", "accelerate", "peft")}

@@ -1,0 +1,164 @@
+"""The reasoning trainer on the tiny random Qwen2: no diffusers, log-probs that match generation, masks,
+artefacts and TensorBoard, a LoRA plain peft loads, exact resume, custom rewards and advantages, config and CLI."""
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+import reasoning_rl
+from diffusion_rl.cli import _mount_reason_cli, app
+from reasoning_rl.config import ConfigError, ReasonConfig, documented_fields, load_config
+from reasoning_rl.models import build_tiny_causal_lm
+from reasoning_rl.rollout import completion_mask, generate, token_log_probs
+from reasoning_rl.trainer import train
+
+REPO = Path(__file__).parents[1]
+TINY = REPO / "configs" / "reason_tiny.yaml"
+runner = CliRunner()
+
+
+def digits(completions, prompts, metadata):
+    """A reward a random character model can move: the share of digits among the first 8 characters."""
+    return torch.tensor([sum(ch.isdigit() for ch in c[:8]) / 8 for c in completions]), {}
+
+
+def _tiny(tmp_path, *overrides):
+    return load_config(TINY, [f"output_dir={tmp_path}", "num_steps=2", "checkpoint.every=0", *overrides])
+
+
+def test_no_reasoning_module_imports_diffusers():
+    modules = sorted(f"reasoning_rl.{m.name}" for m in pkgutil.iter_modules(reasoning_rl.__path__))
+    assert {"reasoning_rl.trainer", "reasoning_rl.rollout", "reasoning_rl.cli"} <= set(modules)
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'diffusers'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_recomputed_log_probs_equal_the_samplers():
+    """Left-padded prompts of different lengths, temperature 0.7: the training forward's log-probs of the sampled
+    tokens equal generate's own (its raw logits / T, log-softmax), so the first PPO ratio is 1."""
+    model, tok = build_tiny_causal_lm(seed=1)
+    model.eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("2+3=", "What is 10 + 7?")]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=None,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    completion = out.sequences[:, enc.input_ids.shape[1]:]
+    mask = completion_mask(completion, tok.eos_token_id, tok.pad_token_id)
+    expected = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1).gather(-1, completion[..., None])[..., 0]
+    logp, entropy = token_log_probs(model, enc.input_ids, enc.attention_mask, completion, mask.long(), 0.7,
+                                    with_entropy=True)
+    assert logp.dtype == torch.float32 and logp.shape == completion.shape
+    torch.testing.assert_close(logp[mask], expected[mask], atol=1e-5, rtol=0)
+    assert torch.all(logp[~mask] == 0) and torch.all(entropy[mask] > 0)
+
+
+def test_completion_mask_stops_after_the_first_eos_and_drops_padding():
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9], [5, 6, 0, 0, 0]])
+    assert completion_mask(ids, eos, pad).long().tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 1, 0, 0, 0]]
+    same = torch.tensor([[5, 2, 2, 2]])  # pad == eos: everything after the first eos is padding
+    assert completion_mask(same, 2, 2).long().tolist() == [[1, 1, 0, 0]]
+
+
+def test_rollouts_group_completions_per_prompt():
+    model, tok = build_tiny_causal_lm()
+    torch.manual_seed(0)
+    r = generate(model, tok, ["a", "bb"], ["p", "q"], [{"answer": 1}, {"answer": 2}], 3, 6, 1.0, 1.0, 0, [], 4)
+    assert len(r) == 6 and r.prompts == ["p"] * 3 + ["q"] * 3 and r.metadata[3] == {"answer": 2}
+    assert r.completion_ids.shape[1] <= 6 and r.prompt_ids.shape == (6, 2) and r.prompt_mask[0].tolist() == [0, 1]
+    assert torch.equal(r.stopped, (r.completion_ids == tok.eos_token_id).any(1))
+
+
+def test_training_writes_artefacts_tensorboard_and_a_lora_peft_loads(tmp_path):
+    result = train(_tiny(tmp_path, "train.beta=0.05", "train.num_iterations=2"), reward_fn=digits)
+    assert [r["step"] for r in result.history] == [0, 1]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["reward/mean"] <= 1 for r in rows)
+    assert rows[0]["loss/ratio_min"] <= 1.0 <= rows[0]["loss/ratio_max"] and "loss/kl" in rows[0]
+    completions = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 8 and {"prompt", "completion", "reward"} <= set(completions[0])
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"reward/mean", "reason/frac_reward_zero_std", "reason/completion_length_mean", "reason/clipped_ratio",
+            "loss/policy_loss", "loss/kl", "eval/greedy_reward", "perf/step_s"} <= tags
+    assert "reason/completions/text_summary" in acc.Tags()["tensors"]
+    # plain transformers + peft load the saved adapter onto a fresh base model and reproduce the trained logits
+    from peft import PeftModel
+
+    base, tok = build_tiny_causal_lm()
+    loaded = PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    ids = tok(["2+3="], return_tensors="pt").input_ids
+    result.model.eval()
+    torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits, atol=1e-6, rtol=0)
+    lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in lora.items())
+
+
+def test_resume_is_exact(tmp_path):
+    """3 steps straight = 2 steps + resume + 1: same rewards, same trainable weights."""
+    sets = ["num_steps=3", "checkpoint.every=1", "train.num_iterations=2"]
+    straight = train(_tiny(tmp_path / "a", *sets), reward_fn=digits)
+    train(_tiny(tmp_path / "b", "num_steps=2", *sets[1:]), reward_fn=digits)
+    resumed = train(_tiny(tmp_path / "b", *sets), reward_fn=digits, resume="auto")
+    assert [r["step"] for r in resumed.history] == [2]
+    assert resumed.history[0]["reward/mean"] == straight.history[2]["reward/mean"]
+    a = load_file(tmp_path / "a" / "lora" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_custom_advantage_function(tmp_path):
+    """advantage_fn replaces the group standardisation: all-zero advantages leave the LoRA up-projections at 0."""
+    calls = []
+
+    def no_signal(scores, group_ids):
+        calls.append((scores.shape, group_ids.tolist()))
+        return torch.zeros_like(scores)
+
+    train(_tiny(tmp_path, "num_steps=1"), reward_fn=digits, advantage_fn=no_signal)
+    assert calls == [(torch.Size([16]), [i // 4 for i in range(16)])]
+    lora = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert all(torch.count_nonzero(v) == 0 for k, v in lora.items() if "lora_B" in k)
+
+
+# ------------------------------------------------------------------------------------------------ config, CLI
+
+
+def test_reason_config_rules_and_docs(tmp_path):
+    assert isinstance(load_config(TINY), ReasonConfig)
+    assert [p for p, doc in documented_fields() if len(doc.split()) < 2] == []
+    with pytest.raises(ConfigError) as exc:
+        load_config(TINY, ["train.lerning_rate=1", "rollout.num_generations=1", "prompts.problems=[{question: x}]"])
+    text = str(exc.value)
+    assert "3 problem(s)" in text and "did you mean 'train.learning_rate'" in text
+    assert "rollout.num_generations (1) < 2" in text and "has no 'problem' key" in text
+
+
+def test_drl_reason_cli(tmp_path):
+    _mount_reason_cli()
+    shown = runner.invoke(app, ["reason", "config", "show", str(TINY), "--set", "rollout.max_new_tokens=3"])
+    assert shown.exit_code == 0, shown.output
+    assert "max_new_tokens: 3" in shown.output
+    bad = runner.invoke(app, ["reason", "train", str(TINY), "--set", "rollout.temprature=1"])
+    assert bad.exit_code == 2 and "did you mean 'rollout.temperature'" in bad.output and "Traceback" not in bad.output
+    missing = runner.invoke(app, ["reason", "train", str(TINY), "--set", "model.pretrained=/nonexistent/dir",
+                                  "--set", "model.local_files_only=true", "--output-dir", str(tmp_path)])
+    assert missing.exit_code == 2 and "could not load model" in missing.output
