@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 README = (Path(__file__).parents[1] / "README.md").read_text()
 
 
@@ -22,6 +24,19 @@ def test_python_api_example_runs(tmp_path, monkeypatch, capsys):
     assert namespace["image"].size == (16, 16)
     printed = capsys.readouterr().out
     assert str([round(r["reward/mean"], 4) for r in result.history]) in printed
+
+
+def test_reasoning_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    (tmp_path / "configs").symlink_to(Path(__file__).parents[1] / "configs")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_block_after("## Reasoning", "python"), "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert len(result.history) == 2
+    assert (tmp_path / "runs" / "reason_api_demo" / "lora" / "adapter_model.safetensors").is_file()
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    torch.testing.assert_close(namespace["rloo"](rewards, torch.tensor([0, 0, 1, 1])), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    assert str([round(r["reward/mean"], 4) for r in result.history]) in capsys.readouterr().out
 
 
 def test_readme_has_exactly_two_setup_commands():
