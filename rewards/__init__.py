@@ -13,6 +13,7 @@ from rewards.hub import resolve
 from rewards.images import ImageBatch, ImageRewardFn, to_float_tensor, to_pil_list, to_uint8_numpy
 from rewards.multi import MultiReward, load_multi
 from rewards.registry import INFO, REGISTRY, RewardInfo, available, load, register
+from rewards.trl_adapter import TRLReward, from_trl
 
 __all__ = [
     "INFO",
@@ -25,8 +26,10 @@ __all__ = [
     "RewardError",
     "RewardFn",
     "RewardInfo",
+    "TRLReward",
     "available",
     "check_scores",
+    "from_trl",
     "load",
     "load_multi",
     "register",

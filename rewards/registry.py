@@ -62,6 +62,10 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "hpsv2.1": _Lazy("rewards.hps", "make_hpsv21_reward"),
     "clipscore": _Lazy("rewards.clipscore", "make_clipscore_reward"),
     "shapes_alignment": _Lazy("rewards.shapes_alignment", "make_shapes_alignment_reward"),
+    "math_answer": _Lazy("rewards.math_answer", "make_math_answer_reward"),
+    "exact_match": _Lazy("rewards.text", "make_exact_match_reward"),
+    "think_answer_format": _Lazy("rewards.text", "make_think_answer_format_reward"),
+    "trl_function": _Lazy("rewards.trl_adapter", "make_trl_function_reward"),
 }
 
 INFO: dict[str, RewardInfo] = {
@@ -115,6 +119,20 @@ INFO: dict[str, RewardInfo] = {
     ),
     "shapes_alignment": RewardInfo(
         "-", "see rewards/shapes_alignment.py", "-", False, "prompt/shape alignment on the toy shapes task"
+    ),
+    "math_answer": RewardInfo(
+        "-", "{0, 1} (NaN: no/unparseable ground truth)", "no weights (math-verify: Apache-2.0)", False,
+        "text: final answer (<answer> tag / last \\boxed{}) == metadata 'answer', symbolic (math-verify)",
+    ),
+    "exact_match": RewardInfo(
+        "-", "{0, 1} (NaN: no ground truth)", "no weights", False,
+        "text: extracted answer == metadata 'answer' after case/whitespace normalisation",
+    ),
+    "think_answer_format": RewardInfo(
+        "-", "{0, 1}", "no weights", False, "text: completion is exactly <think>...</think><answer>...</answer>"
+    ),
+    "trl_function": RewardInfo(
+        "-", "that of the function", "-", False, "text: a TRL GRPOTrainer-style reward function, by import path"
     ),
 }
 
