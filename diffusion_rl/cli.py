@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from diffusion_rl.core.cli import SetOpt, core_user_errors, fail, user_errors
+from diffusion_rl.core.cli import DocOpt, SetOpt, core_user_errors, fail, show_config, user_errors
 
 app = typer.Typer(
     help="drl: reinforcement-learning fine-tuning of text-to-image diffusion models (DDPO/GRPO, dense credit).",
@@ -166,18 +166,12 @@ def eval_(
 def config_show(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    doc: Annotated[bool, typer.Option(help="List every field with its documentation instead.")] = False,
+    doc: DocOpt = False,
 ) -> None:
     """Print the resolved configuration (YAML) after defaults and overrides, or validate and document it."""
-    from diffusion_rl.config import documented_fields, dump_config
-
     with user_errors(_user_errors()):
         cfg = _load(config, set_)
-    if doc:
-        for path, text in documented_fields():
-            typer.echo(f"{path}: {' '.join(text.split())}")
-        return
-    typer.echo(dump_config(cfg), nl=False)
+    show_config(cfg, doc)
 
 
 @credit_app.command("inspect")

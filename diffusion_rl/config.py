@@ -303,13 +303,7 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config (or the embedded defaults when `path` is None) and apply `--set` overrides."""
-    cfg = core_config.load(RunConfig, path, overrides, cross_field_problems)
-    # A relative prompts.path is relative to the YAML file when it exists there (configs/prompts/...).
-    if path is not None and cfg.prompts.path and not Path(cfg.prompts.path).is_absolute():
-        beside = Path(path).parent / cfg.prompts.path
-        if beside.exists() and not Path(cfg.prompts.path).exists():
-            cfg.prompts.path = str(beside)
-    return cfg
+    return core_config.load(RunConfig, path, overrides, cross_field_problems, paths_beside_file=("prompts.path",))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -44,17 +44,17 @@ import rewards
 from diffusion_rl import credit
 from diffusion_rl.config import RunConfig, dump_config
 from diffusion_rl.core import checkpoint, grpo
+from diffusion_rl.core import run as run_helpers
 from diffusion_rl.core.run import (  # noqa: F401  (NonFiniteTrainingError, ResumeError: importable from here)
     EMA,
     MetricAccumulator,
     NonFiniteTrainingError,
     OptimizerStepGuard,
+    ProcessInfo,
     ResumeError,
     TrainerCallback,
-    TrainerState,
-    check_resume_config,
     derive_seed,
-    fast_forward,
+    restore_checkpoint,
     versions,
 )
 from diffusion_rl.evaluation import eval_prompts_from, evaluate
@@ -85,7 +85,7 @@ class TrainResult:
 
 
 @dataclass
-class Run:
+class Run(ProcessInfo):
     """Everything `setup` builds once per `train()` call; the phases read and update it."""
 
     cfg: RunConfig
@@ -110,18 +110,6 @@ class Run:
     num_steps: int  # T, denoising steps per trajectory
     steps_trained: int  # k, steps trained per trajectory
     start_epoch: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
 
     def stateful(self) -> dict:
         """The parts a checkpoint saves beside accelerate's state (names are the checkpoint's keys)."""
@@ -215,7 +203,7 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     pipe, unet, params, optimizer, lr_scheduler = _setup_model_and_optimizer(cfg, accelerator)
     guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, cfg.train.max_grad_norm,
                                cfg.train.max_consecutive_nonfinite)
-    reward_fn = cfg.reward.build() if reward_fn is None else _as_reward(reward_fn)
+    reward_fn = cfg.reward.build() if reward_fn is None else rewards.as_reward(reward_fn)
     assigner = (credit.as_credit_assigner(credit_fn) if credit_fn is not None
                 else credit.make_credit(cfg.credit.kind, **_credit_options(cfg)))
     prompt_set = load_prompts(cfg.prompts)
@@ -261,16 +249,9 @@ def restore(run: Run, resume: str | None) -> None:
     if not resume:
         return
     ckpt = checkpoint.find_checkpoint(resume, run.out)
-    saved, tensors = checkpoint.load_trainer_state(ckpt)
-    changed = check_resume_config(saved["config"], run.cfg.model_dump(mode="json"), RESUME_FREE, fixed=("model",))
-    if changed and run.main:
-        print(f"[drl] warning: resuming with changed settings in {changed}; the config file value is used")
-    run.accelerator.load_state(str(ckpt))
-    state = TrainerState.restore(saved, tensors, run.stateful(), run.world, str(ckpt))
+    state = restore_checkpoint(run.accelerator, ckpt, run.cfg.model_dump(mode="json"), run.stateful(), run.guard,
+                               run.lr_scheduler, RESUME_FREE)
     run.start_epoch = state.epochs_done
-    run.guard.global_step = state.global_step
-    run.guard.nonfinite_skipped, run.guard.overflow_skipped = state.nonfinite_skipped, state.overflow_skipped
-    fast_forward(run.lr_scheduler, state.global_step)
     if run.main:
         print(f"[drl] resumed from {ckpt} at epoch {state.epochs_done}, global step {state.global_step}")
 
@@ -580,16 +561,9 @@ def evaluate_model(run: Run, tag: str | None = None) -> dict:
 
 
 def save_checkpoint(run: Run, epochs_done: int) -> None:
-    """Collective: accelerate's state on every rank, the trainer state beside it (`TrainerState`)."""
-    g, cfg = run.guard, run.cfg
-    state = TrainerState(
-        epochs_done=epochs_done, global_step=g.global_step, nonfinite_skipped=g.nonfinite_skipped,
-        overflow_skipped=g.overflow_skipped, world_size=run.world, config=cfg.model_dump(mode="json"),
-        config_hash=cfg.hash(), versions=_versions(),
-    )
-    state_dict, tensors = state.to_dict(run.stateful())
-    checkpoint.save(run.accelerator, run.out / "checkpoints", epochs_done, state_dict, dump_config(cfg),
-                    cfg.checkpoint.keep_last, tensors)
+    """Collective: accelerate's state on every rank, the trainer state beside it."""
+    run_helpers.save_checkpoint(run.accelerator, run.out / "checkpoints", epochs_done, run.cfg, run.stateful(),
+                                run.guard, run.cfg.checkpoint.keep_last, _versions())
 
 
 def finish(run: Run, result: TrainResult) -> None:
@@ -632,10 +606,6 @@ class _Trackers:
     def load_state_dict(self, state: dict) -> None:
         for name, tracker in self.trackers.items():
             tracker.load_state_dict(state[name])
-
-
-def _as_reward(fn: Callable) -> rewards.RewardFn:
-    return fn if isinstance(fn, rewards.RewardFn) else rewards.CallableReward(getattr(fn, "__name__", "custom_reward"), fn)
 
 
 def _load_eval_reward(cfg: RunConfig, train_reward: rewards.RewardFn) -> rewards.RewardFn:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from diffusion_rl.core.cli import SetOpt, core_user_errors, user_errors
+from diffusion_rl.core.cli import DocOpt, SetOpt, core_user_errors, show_config, user_errors
 
 app = typer.Typer(help="GRPO for language models on the shared core (train, config show).", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect reasoning configurations.", no_args_is_help=True)
@@ -62,15 +62,9 @@ def train(
 def config_show(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    doc: Annotated[bool, typer.Option(help="List every field with its documentation instead.")] = False,
+    doc: DocOpt = False,
 ) -> None:
     """Print the resolved reasoning configuration (YAML) after defaults and overrides, or document every field."""
-    from reasoning_rl.config import documented_fields, dump_config
-
     with user_errors(_user_errors()):
         cfg = _load(config, set_)
-    if doc:
-        for path, text in documented_fields():
-            typer.echo(f"{path}: {' '.join(text.split())}")
-        return
-    typer.echo(dump_config(cfg), nl=False)
+    show_config(cfg, doc)

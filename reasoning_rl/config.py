@@ -224,13 +224,8 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ReasonConfig:
-    """A YAML config (or the defaults when `path` is None) with `--set` overrides, validated."""
-    cfg = core_config.load(ReasonConfig, path, overrides, cross_field_problems)
-    if path is not None and cfg.prompts.path and not Path(cfg.prompts.path).is_absolute():
-        beside = Path(path).parent / cfg.prompts.path
-        if beside.exists() and not Path(cfg.prompts.path).exists():
-            cfg.prompts.path = str(beside)
-    return cfg
+    """Load a YAML config (or the embedded defaults when `path` is None) and apply `--set` overrides."""
+    return core_config.load(ReasonConfig, path, overrides, cross_field_problems, paths_beside_file=("prompts.path",))
 
 
 def dump_config(cfg: ReasonConfig) -> str:

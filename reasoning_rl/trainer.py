@@ -39,15 +39,15 @@ from transformers import get_scheduler
 
 import rewards
 from diffusion_rl.core import checkpoint, grpo
+from diffusion_rl.core import run as run_helpers
 from diffusion_rl.core.prompts import PromptSampler, PromptSet
 from diffusion_rl.core.run import (
     MetricAccumulator,
     OptimizerStepGuard,
+    ProcessInfo,
     TrainerCallback,
-    TrainerState,
-    check_resume_config,
     derive_seed,
-    fast_forward,
+    restore_checkpoint,
     versions,
 )
 from diffusion_rl.core.tb import Writer
@@ -73,7 +73,7 @@ class TrainResult:
 
 
 @dataclass
-class Run:
+class Run(ProcessInfo):
     """Everything `setup` builds once per `train()` call; the phases read and update it."""
 
     cfg: ReasonConfig
@@ -92,18 +92,6 @@ class Run:
     writer: Writer
     callbacks: Sequence[TrainerCallback]
     start_step: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
 
     def stateful(self) -> dict:
         return {"prompt_sampler": self.sampler}
@@ -176,10 +164,7 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
     )
     guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, t.max_grad_norm,
                                t.max_consecutive_nonfinite)
-    if reward_fn is None:
-        reward_fn = cfg.reward.build()
-    elif not isinstance(reward_fn, rewards.RewardFn):
-        reward_fn = rewards.CallableReward(getattr(reward_fn, "__name__", "custom_reward"), reward_fn)
+    reward_fn = cfg.reward.build() if reward_fn is None else rewards.as_reward(reward_fn)
     problems = load_problems(cfg.prompts)
     out = Path(cfg.output_dir)
     return Run(
@@ -195,16 +180,9 @@ def restore(run: Run, resume: str | None) -> None:
     if not resume:
         return
     ckpt = checkpoint.find_checkpoint(resume, run.out)
-    saved, tensors = checkpoint.load_trainer_state(ckpt)
-    changed = check_resume_config(saved["config"], run.cfg.model_dump(mode="json"), RESUME_FREE, fixed=("model",))
-    if changed and run.main:
-        print(f"[drl] warning: resuming with changed settings in {changed}; the config file value is used")
-    run.accelerator.load_state(str(ckpt))
-    state = TrainerState.restore(saved, tensors, run.stateful(), run.world, str(ckpt))
+    state = restore_checkpoint(run.accelerator, ckpt, run.cfg.model_dump(mode="json"), run.stateful(), run.guard,
+                               run.lr_scheduler, RESUME_FREE)
     run.start_step = state.epochs_done
-    run.guard.global_step = state.global_step
-    run.guard.nonfinite_skipped, run.guard.overflow_skipped = state.nonfinite_skipped, state.overflow_skipped
-    fast_forward(run.lr_scheduler, state.global_step)
     if run.main:
         print(f"[drl] resumed from {ckpt} at step {state.epochs_done}, global step {state.global_step}")
 
@@ -450,15 +428,8 @@ def evaluate_model(run: Run) -> dict[str, float]:
 
 
 def save_checkpoint(run: Run, steps_done: int) -> None:
-    g, cfg = run.guard, run.cfg
-    state = TrainerState(
-        epochs_done=steps_done, global_step=g.global_step, nonfinite_skipped=g.nonfinite_skipped,
-        overflow_skipped=g.overflow_skipped, world_size=run.world, config=cfg.model_dump(mode="json"),
-        config_hash=cfg.hash(), versions=_versions(),
-    )
-    state_dict, tensors = state.to_dict(run.stateful())
-    checkpoint.save(run.accelerator, run.out / "checkpoints", steps_done, state_dict, dump_config(cfg),
-                    cfg.checkpoint.keep_last, tensors)
+    run_helpers.save_checkpoint(run.accelerator, run.out / "checkpoints", steps_done, run.cfg, run.stateful(),
+                                run.guard, run.cfg.checkpoint.keep_last, _versions())
 
 
 def finish(run: Run, result: TrainResult) -> None:

@@ -1,4 +1,4 @@
-"""drl rewards: reward models for RL fine-tuning of text-to-image diffusion models.
+"""drl rewards: reward models and rule-based rewards for RL fine-tuning (images and text).
 
     import rewards
     fn = rewards.load("jpeg_compressibility")
@@ -8,7 +8,7 @@ See docs/rewards.md for the reward table, preprocessing and formulas.
 """
 
 from rewards.async_scorer import AsyncScorer
-from rewards.base import CallableReward, RewardError, RewardFn, check_scores
+from rewards.base import CallableReward, RewardError, RewardFn, as_reward, check_scores
 from rewards.hub import resolve
 from rewards.images import ImageBatch, ImageRewardFn, to_float_tensor, to_pil_list, to_uint8_numpy
 from rewards.multi import MultiReward, load_multi
@@ -27,6 +27,7 @@ __all__ = [
     "RewardFn",
     "RewardInfo",
     "TRLReward",
+    "as_reward",
     "available",
     "check_scores",
     "from_trl",

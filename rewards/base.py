@@ -234,3 +234,8 @@ class CallableReward(RewardFn):
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
             return out
         return out, {}
+
+
+def as_reward(fn: Callable[..., Any]) -> RewardFn:
+    """A RewardFn as it is; any other callable `f(samples, prompts, metadata)` wrapped, named after it."""
+    return fn if isinstance(fn, RewardFn) else CallableReward(getattr(fn, "__name__", "custom_reward"), fn)

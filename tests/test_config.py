@@ -15,7 +15,9 @@ from diffusion_rl.config import (
     load_config,
 )
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = [p for p in SHIPPED if not p.name.startswith("reason_")]  # the diffusion trainer's
+REASON_CONFIGS = [p for p in SHIPPED if p.name.startswith("reason_")]
 runner = CliRunner()
 
 
@@ -32,6 +34,18 @@ def test_every_shipped_config_validates(path):
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"default.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", REASON_CONFIGS, ids=[p.name for p in REASON_CONFIGS])
+def test_every_shipped_reasoning_config_validates(path):
+    from reasoning_rl.config import ReasonConfig
+    from reasoning_rl.config import load_config as load_reason_config
+
+    assert isinstance(load_reason_config(path), ReasonConfig)
+
+
+def test_every_shipped_config_is_validated_by_one_of_the_trainers():
+    assert REASON_CONFIGS and set(CONFIGS) | set(REASON_CONFIGS) == set(SHIPPED)
 
 
 def test_no_config_means_configs_default_yaml():

@@ -12,6 +12,7 @@ import typer
 
 USER_ERROR_EXIT_CODE = 2
 
+DocOpt = Annotated[bool, typer.Option(help="List every field with its documentation instead.")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)."),
@@ -40,3 +41,14 @@ def user_errors(kinds: tuple[type[BaseException], ...]) -> Iterator[None]:
         yield
     except kinds as err:
         fail(err)
+
+
+def show_config(cfg, doc: bool) -> None:
+    """`config show`: the resolved config as YAML, or (with --doc) every field of its model with its docstring."""
+    from diffusion_rl.core.config import documented_fields, dump
+
+    if doc:
+        for path, text in documented_fields(type(cfg)):
+            typer.echo(f"{path}: {' '.join(text.split())}")
+        return
+    typer.echo(dump(cfg), nl=False)

@@ -256,12 +256,26 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load(
-    root: type[Root], path: str | Path | None = None, overrides: Sequence[str] = (), rules: Rules | None = None
+    root: type[Root], path: str | Path | None = None, overrides: Sequence[str] = (), rules: Rules | None = None,
+    paths_beside_file: Sequence[str] = (),
 ) -> Root:
-    """A YAML file (or the root's defaults when `path` is None) with `--set` overrides applied, validated."""
+    """A YAML file (or the root's defaults when `path` is None) with `--set` overrides applied, validated.
+    Each dotted field in `paths_beside_file` (e.g. "prompts.path") holding a relative path that does not exist
+    from the working directory but does beside the YAML file is rewritten to the latter (configs/prompts/...)."""
     raw = read_yaml(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
-    return build(root, raw, str(path) if path else "the default config", rules)
+    cfg = build(root, raw, str(path) if path else "the default config", rules)
+    for dotted in paths_beside_file if path is not None else ():
+        *parents, leaf = dotted.split(".")
+        section = cfg
+        for name in parents:
+            section = getattr(section, name)
+        value = getattr(section, leaf)
+        if value and not Path(value).is_absolute() and not Path(value).exists():
+            beside = Path(path).parent / value
+            if beside.exists():
+                setattr(section, leaf, str(beside))
+    return cfg
 
 
 def dump(cfg: BaseModel) -> str:

@@ -352,8 +352,11 @@ def _group_advantages64(
     """The body of :func:`group_advantages` on validated arguments; float64 [N], NaN rewards -> 0."""
     _choice("baseline", baseline, ADVANTAGE_BASELINES)
     _choice("singleton", singleton, SINGLETON_MODES)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}; TRL uses 1e-4, verl 1e-6, OpenRLHF 1e-9.")
+    if scale != "none" and not eps > 0:
+        raise ValueError(
+            f"eps must be > 0 when dividing by a std, got {eps}: a group of equal rewards has std 0 (or ~1e-17 "
+            "after rounding) and eps keeps its advantages at 0; TRL uses 1e-4, verl 1e-6, OpenRLHF 1e-9."
+        )
     r = rewards.detach().to(torch.float64)  # [N]
     inverse, n_groups = _group_index(group_ids, r.shape[0], r.device)
     finite = torch.isfinite(r)
@@ -456,7 +459,9 @@ def multi_reward_advantages(
             f"rewards must be [N, K] (one column per reward function), got shape {tuple(rewards.shape)}; "
             "for a single reward use group_advantages or rewards[:, None]."
         )
-    _check_rewards(rewards[:, 0] if rewards.shape[1] else rewards.reshape(-1))
+    if rewards.shape[1] == 0:
+        raise ValueError("rewards has no columns (K = 0); pass at least one reward function's scores.")
+    _check_rewards(rewards[:, 0])  # floating point, NaN = unscorable
     _choice("mode", mode, MULTI_REWARD_MODES)
     n, k = rewards.shape
     w = (
@@ -619,7 +624,7 @@ def aggregate(
 ) -> Tensor:
     """Reduce per-element values [B, T] with weights ``mask`` [B, T] to a scalar.
 
-    With l = values, m = mask, L_i = sum_t m_{i,t} (reasoning_rl.md §2.5; TRL ``_compute_loss``):
+    With l = values, m = mask, L_i = sum_t m_{i,t} (TRL ``GRPOTrainer._compute_loss`` loss_type; verl loss_agg_mode):
 
     - ``grpo`` = ``seq_mean`` (GRPO as in TRL <= 0.16): (1/B) sum_i [ sum_t m l / L_i ]; a sequence
       with an empty mask contributes 0 but still counts in B. Per-token weight 1 / (B L_i): a short
@@ -715,7 +720,7 @@ def _ratio_from_log(log_ratio: Tensor, m: Tensor, level: str) -> Tensor:
 def importance_ratio(
     logp_new: Tensor, logp_old: Tensor | None, mask: Tensor | None = None, level: str = "token"
 ) -> Tensor:
-    """Importance ratio [B, T] (fp32) at token or sequence level (reasoning_rl.md §2.2).
+    """Importance ratio [B, T] (fp32) at token or sequence level.
 
     With d_{i,t} = clamp(log pi_theta - log pi_old, +-LOG_RATIO_CLAMP), 0 where m = 0:
 
@@ -797,7 +802,7 @@ def grpo_loss(
     ``agg`` is :func:`aggregate` with ``aggregation`` in grpo / bnpo / dapo (needs
     ``num_items_in_batch``) / dr_grpo (needs ``max_completion_length``). Per-token weights:
     grpo 1/(B L_i), bnpo 1/N_local, dapo 1/N_global, dr_grpo 1/(B L_max). The KL term
-    (reasoning_rl.md §2.4, k3 with beta in the loss as GRPO; TRL's default beta is 0) uses the same
+    (k3 with beta in the per-token loss, as GRPO / DeepSeekMath; TRL's default beta is 0) uses the same
     aggregation, which by linearity equals TRL's per_token_loss + beta * kl. The entropy schedule
     and any gradient-accumulation scaling are the trainer's. Defaults follow TRL: clip 0.2, dapo.
     Advantages are used as given (no clamp); they must be finite at counted elements.

@@ -196,6 +196,60 @@ def _join_tensors(state: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
+class ProcessInfo:
+    """Mixin for a trainer's run object holding an `accelerator`: which process this is."""
+
+    accelerator: Any
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def restore_checkpoint(
+    accelerator, checkpoint_dir, config: dict, components: Mapping[str, Stateful | None], guard: OptimizerStepGuard,
+    lr_scheduler, free: Iterable[str], fixed: Iterable[str] = ("model",),
+) -> TrainerState:
+    """Everything a checkpoint holds, back in place: accelerate's state (weights, optimizer, RNG) on every rank,
+    each component's state, the guard's counters, and the lr schedule fast-forwarded to the global step."""
+    from diffusion_rl.core import checkpoint
+
+    saved, tensors = checkpoint.load_trainer_state(checkpoint_dir)
+    changed = check_resume_config(saved["config"], config, free, fixed)
+    if changed and accelerator.is_main_process:
+        print(f"[drl] warning: resuming with changed settings in {changed}; the config file value is used")
+    accelerator.load_state(str(checkpoint_dir))
+    state = TrainerState.restore(saved, tensors, components, accelerator.num_processes, str(checkpoint_dir))
+    guard.global_step = state.global_step
+    guard.nonfinite_skipped, guard.overflow_skipped = state.nonfinite_skipped, state.overflow_skipped
+    fast_forward(lr_scheduler, state.global_step)
+    return state
+
+
+def save_checkpoint(
+    accelerator, root, done: int, cfg, components: Mapping[str, Stateful | None], guard: OptimizerStepGuard,
+    keep_last: int, versions: dict,
+) -> None:
+    """Collective: accelerate's state on every rank, the trainer state (`TrainerState`) beside it, atomically."""
+    from diffusion_rl.core import checkpoint, config
+
+    state = TrainerState(
+        epochs_done=done, global_step=guard.global_step, nonfinite_skipped=guard.nonfinite_skipped,
+        overflow_skipped=guard.overflow_skipped, world_size=accelerator.num_processes,
+        config=cfg.model_dump(mode="json"), config_hash=config.config_hash(cfg), versions=versions,
+    )
+    state_dict, tensors = state.to_dict(components)
+    checkpoint.save(accelerator, root, done, state_dict, config.dump(cfg), keep_last, tensors)
+
+
 def fast_forward(lr_scheduler, steps: int) -> None:
     """Advance a step-wise lr scheduler to `steps` (on resume: the lr is a function of the global step)."""
     with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step
