@@ -94,8 +94,11 @@ class PromptsConfig(Section):
 
 
 class AdvantageConfig(Section):
-    scale: Literal["group", "none"] = "group"
-    """group: A = (R - group mean) / (group std + epsilon) (GRPO); none: A = R - group mean (Dr.GRPO)."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """group: A = (R - baseline) / (group std + epsilon) (GRPO); batch: divided by the whole step's std instead
+    (Lite-PPO); none: A = R - baseline (Dr.GRPO)."""
+    baseline: Literal["mean", "rloo"] = "mean"
+    """The group baseline: the group's mean reward, or the mean of the other G - 1 (RLOO)."""
     epsilon: float = Field(1e-4, gt=0)
     """Added to the group std before dividing (TRL 1e-4, verl 1e-6)."""
     unbiased_std: bool = True
@@ -127,9 +130,16 @@ class TrainConfig(Section):
     """PPO clip epsilon_low: the token ratio is kept >= 1 - clip_range."""
     clip_range_high: float | None = Field(None, gt=0)
     """PPO clip epsilon_high (clip-higher, DAPO 0.28); defaults to clip_range."""
-    loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
-    """token_mean: every completion token of the micro-batch weighs the same; seq_mean: each completion's token
-    mean, then the mean over completions (GRPO as published)."""
+    loss_aggregation: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo"
+    """How per-token losses are averaged: dapo = over every completion token of the step (all micro-batches and
+    processes; TRL's default), grpo = each completion's token mean then the mean over completions (as published),
+    bnpo = over the micro-batch's tokens, dr_grpo = sum / (completions x rollout.max_new_tokens)."""
+    ratio_level: Literal["token", "sequence", "sequence_token"] = "token"
+    """Importance ratio per token (GRPO), per sequence (GSPO: exp of the mean log-ratio), or GSPO-token."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual-clip c (> 1): for negative advantages the loss is capped at -c * A (verl / EasyR1 use 3)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Weight of an entropy bonus (the token-mean entropy is subtracted from the loss)."""
     beta: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the reference (the model with LoRA disabled) in the loss."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"

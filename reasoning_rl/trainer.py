@@ -13,8 +13,10 @@ with "epoch" -> "step" and trajectories -> completions):
       compute_advantages  per-group standardisation over each problem's G completions (GRPO; Dr.GRPO without
                           the std), NaN rewards -> advantage 0
       train_step          `num_iterations` passes over the completions in micro-batches: recompute
-                          log pi_theta per token (temperature applied, fp32), clipped surrogate (+ beta * KL to
-                          the adapter-disabled model), one guarded optimizer step per pass
+                          log pi_theta per token (temperature applied, fp32), token or sequence (GSPO) ratio,
+                          clipped surrogate (clip-higher, dual clip) + beta * KL to the adapter-disabled model
+                          - entropy bonus, aggregated grpo / bnpo / dapo / dr_grpo; one guarded optimizer step
+                          per pass
       log_step            reward/, loss/, reason/ scalars, sample completions as text, metrics.jsonl
       evaluate / save_checkpoint
     finish            final evaluation, the trained LoRA (or model) saved with its tokenizer
@@ -266,7 +268,8 @@ def compute_advantages(run: Run, rollouts: Rollouts, scores: torch.Tensor, advan
         if adv.shape != scores.shape:
             raise ValueError(f"advantage_fn returned shape {tuple(adv.shape)}; expected [B] = {tuple(scores.shape)}")
         return torch.where(torch.isfinite(scores), adv, 0.0)
-    return grpo.group_advantages(scores, group_ids, scale_std=a.scale == "group", eps=a.epsilon, unbiased=a.unbiased_std)
+    return grpo.group_advantages(scores, group_ids, eps=a.epsilon, unbiased=a.unbiased_std, scale=a.scale,
+                                 baseline=a.baseline)
 
 
 # ================================================================================================
@@ -287,28 +290,36 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
     ref_logp = _reference_log_probs(run, rollouts) if t.beta > 0 else None
     run.model.train()
     metrics, grad_norms = MetricAccumulator(), []
-    B = len(rollouts)
+    B, acc = len(rollouts), run.accelerator
+    # dapo: every completion token of the pass, on every process, weighs the same. Each micro-batch divides its sum
+    # by N_global / (world x accumulation steps): accelerate then divides by the accumulation steps and DDP averages
+    # over processes, so the step's gradient is that of sum / N_global.
+    n_global = float(acc.reduce(loss_mask.sum().float().to(device), reduction="sum"))
+    per_micro_count = max(n_global, 1.0) / (run.world * acc.gradient_accumulation_steps)
     for iteration in range(t.num_iterations):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, iteration)))
         for start in tqdm(range(0, B, t.micro_batch_size), desc=f"step {step} training", disable=not run.main, leave=False):
             idx = order[start : start + t.micro_batch_size]
-            with run.accelerator.accumulate(run.model):
-                with run.accelerator.autocast():
-                    logp, _ = token_log_probs(run.model, rollouts.prompt_ids[idx], rollouts.prompt_mask[idx],
-                                              rollouts.completion_ids[idx], rollouts.completion_mask[idx],
-                                              cfg.rollout.temperature)
-                loss, step_metrics = grpo.policy_loss(
+            with acc.accumulate(run.model):
+                with acc.autocast():
+                    logp, entropy = token_log_probs(
+                        run.model, rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], rollouts.completion_ids[idx],
+                        rollouts.completion_mask[idx], cfg.rollout.temperature, with_entropy=t.entropy_coef > 0,
+                    )
+                loss, step_metrics = grpo.grpo_loss(
                     logp,  # [b, C] fp32
-                    (old_logp[idx] if old_logp is not None else logp.detach()),
+                    old_logp[idx] if old_logp is not None else None,  # None: on policy, ratio 1 in value
                     advantages[idx].to(device),  # [b], broadcast over tokens
-                    mask=loss_mask[idx].to(device),
-                    clip_low=t.clip_range, clip_high=t.clip_range_high or t.clip_range, adv_clip=None,
-                    aggregation=t.loss_aggregation,
-                    logp_ref=ref_logp[idx] if ref_logp is not None else None, kl_coef=t.beta, kl_estimator=t.kl_estimator,
+                    loss_mask[idx].to(device),
+                    ratio_level=t.ratio_level, clip_low=t.clip_range, clip_high=t.clip_range_high,
+                    dual_clip=t.dual_clip, aggregation=t.loss_aggregation, num_items_in_batch=per_micro_count,
+                    max_completion_length=max(cfg.rollout.max_new_tokens, rollouts.completion_ids.shape[1]),
+                    logp_ref=ref_logp[idx] if ref_logp is not None else None, beta=t.beta,
+                    kl_estimator=t.kl_estimator, entropy=entropy, entropy_coef=t.entropy_coef,
                 )
-                run.accelerator.backward(loss)
+                acc.backward(loss)
                 metrics.add(step_metrics)
-                if run.accelerator.sync_gradients:
+                if acc.sync_gradients:
                     grad_norm = run.guard.step(loss, where=f"(step {step})")
                     if grad_norm is not None:
                         grad_norms.append(grad_norm)

@@ -162,3 +162,16 @@ def test_drl_reason_cli(tmp_path):
     missing = runner.invoke(app, ["reason", "train", str(TINY), "--set", "model.pretrained=/nonexistent/dir",
                                   "--set", "model.local_files_only=true", "--output-dir", str(tmp_path)])
     assert missing.exit_code == 2 and "could not load model" in missing.output
+
+
+@pytest.mark.parametrize("aggregation", ["dapo", "dr_grpo"])
+def test_token_level_aggregations_do_not_depend_on_the_micro_batch_size(tmp_path, aggregation):
+    """dapo divides by every completion token of the step (all micro-batches and processes), dr_grpo by
+    completions x max length: splitting the same 16 completions into 4 micro-batches of 4 gives the same
+    gradient (its pre-clip norm) as one micro-batch of 16."""
+    norms = {}
+    for mb in (16, 4):
+        cfg = _tiny(tmp_path / f"{aggregation}{mb}", "num_steps=1", "rollout.max_new_tokens=6",
+                    f"train.loss_aggregation={aggregation}", f"train.micro_batch_size={mb}")
+        norms[mb] = train(cfg, reward_fn=digits).history[0]["loss/grad_norm"]
+    assert norms[16] > 0 and norms[4] == pytest.approx(norms[16], rel=1e-5)
