@@ -175,3 +175,24 @@ def test_token_level_aggregations_do_not_depend_on_the_micro_batch_size(tmp_path
                     f"train.loss_aggregation={aggregation}", f"train.micro_batch_size={mb}")
         norms[mb] = train(cfg, reward_fn=digits).history[0]["loss/grad_norm"]
     assert norms[16] > 0 and norms[4] == pytest.approx(norms[16], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_generate_different_completions_and_keep_equal_weights(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(Path(__file__).parent / "_reason_dist_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = (json.loads((tmp_path / f"rank_{i}.json").read_text()) for i in (0, 1))
+    assert len(r0["prompts"]) == len(r1["prompts"]) == 2 * 2 * 4  # steps x prompts x G
+    assert set(r0["prompts"][:8]).isdisjoint(r1["prompts"][:8])  # each step, the ranks draw different problems
+    assert r0["params_sha256"] == r1["params_sha256"] and r0["lora_b_abs"] > 0  # DDP kept the weights equal
+    assert "2 process(es) | prompts/step 4 | completions/step 16" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
