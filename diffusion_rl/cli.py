@@ -202,7 +202,7 @@ def credit_inspect(
 def _mount_reason_cli() -> None:
     from reasoning_rl.cli import app as reason_app
 
-    app.add_typer(reason_app, name="reason", help="GRPO for language models (drl reason train / config show).")
+    app.add_typer(reason_app, name="reason", help="GRPO for language models (drl reason train / eval / sample / config show).")
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ import typer
 
 from diffusion_rl.core.cli import DocOpt, SetOpt, core_user_errors, show_config, user_errors
 
-app = typer.Typer(help="GRPO for language models on the shared core (train, config show).", no_args_is_help=True)
+app = typer.Typer(help="GRPO for language models on the shared core (train, eval, sample, config show).",
+                  no_args_is_help=True)
 config_app = typer.Typer(help="Inspect reasoning configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -56,6 +57,84 @@ def train(
         from reasoning_rl.trainer import train as run_training
 
         run_training(cfg, resume=resume)
+
+
+@app.command("eval")
+def eval_(
+    model_or_run: Annotated[str, typer.Argument(help="A model (hub id, directory, builtin:...) or a drl reasoning run.")],
+    prompts: Annotated[
+        Path | None, typer.Option(help="JSONL problems (problem / answer columns; default: the run's eval.problems).")
+    ] = None,
+    reward: Annotated[str | None, typer.Option("--reward", "-r", help="Reward name (default: the run's reward).")] = None,
+    num: Annotated[int, typer.Option("--num", "-n", help="Sampled completions per problem (pass@num).")] = 4,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest completion (default: the run's, else 64).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: the run's, else 1).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Greedy and sampled reward (the accuracy for a 0/1 reward), pass@num and mean length on held-out problems."""
+    import json
+
+    with user_errors(_user_errors()):
+        import rewards
+        from reasoning_rl.config import PromptsConfig, ReasonConfig
+        from reasoning_rl.data import load_problems, rows_to_problems
+        from reasoning_rl.evaluation import evaluate
+        from reasoning_rl.inference import load_for_inference
+
+        model, tokenizer, run_cfg = load_for_inference(model_or_run)
+        cfg = run_cfg or ReasonConfig()
+        if prompts is not None:
+            problems = load_problems(PromptsConfig(**{**cfg.prompts.model_dump(), "source": "jsonl", "path": str(prompts)}))
+        elif run_cfg is not None and run_cfg.eval.problems:
+            problems = rows_to_problems(run_cfg.eval.problems, run_cfg.prompts, "eval.problems")
+        else:
+            raise rewards.RewardError("no evaluation problems: pass --prompts FILE.jsonl (problem / answer columns)")
+        reward_fn = rewards.load(reward) if reward else (run_cfg.reward.build() if run_cfg else None)
+        if reward_fn is None:
+            raise rewards.RewardError("no reward to evaluate with: pass --reward NAME (see `drl reward list`)")
+        r = cfg.rollout
+        results, _ = evaluate(
+            model, tokenizer, problems, reward_fn, num_samples=num,
+            max_new_tokens=max_new_tokens or (r.max_new_tokens if run_cfg else 64),
+            temperature=temperature or r.temperature, top_p=r.top_p, top_k=r.top_k, stop_strings=r.stop_strings,
+            system_prompt=cfg.prompts.system_prompt, use_chat_template=cfg.prompts.use_chat_template, seed=seed,
+        )
+    if as_json:
+        typer.echo(json.dumps({"problems": len(problems.prompts), "num": num, "seed": seed, "reward": reward_fn.name,
+                               "results": results}))
+        return
+    typer.echo(f"{len(problems.prompts)} problems, {num} samples each, reward {reward_fn.name}, seed {seed}")
+    for key, value in results.items():
+        typer.echo(f"{key:<20} {value:>10.4f}")
+
+
+@app.command()
+def sample(
+    model_or_run: Annotated[str, typer.Argument(help="A model (hub id, directory, builtin:...) or a drl reasoning run.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Problem text (repeatable).")],
+    num: Annotated[int, typer.Option("--num", "-n", help="Completions per prompt.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest completion.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Print sampled completions of problems (chat template and system prompt of the run when given one)."""
+    with user_errors(_user_errors()):
+        import torch
+
+        from reasoning_rl.config import ReasonConfig
+        from reasoning_rl.data import format_prompt
+        from reasoning_rl.inference import load_for_inference
+        from reasoning_rl.rollout import generate
+
+        model, tokenizer, run_cfg = load_for_inference(model_or_run)
+        p = (run_cfg or ReasonConfig()).prompts
+        texts = [format_prompt(tokenizer, q, p.system_prompt, p.use_chat_template) for q in prompt]
+        torch.manual_seed(seed)
+        out = generate(model, tokenizer, texts, list(prompt), [{} for _ in prompt], num, max_new_tokens, temperature,
+                       1.0, 0, [], 16)
+    for i, completion in enumerate(out.completions):
+        typer.echo(f"[{out.prompts[i]}] {completion}")
 
 
 @config_app.command("show")

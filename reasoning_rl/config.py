@@ -165,7 +165,9 @@ class EvalConfig(Section):
     problems: list[dict] = []
     """Held-out problems (same columns as the training prompts); empty = no evaluation."""
     num_generations: int = Field(1, ge=1)
-    """Sampled completions per held-out problem (greedy accuracy is always reported too)."""
+    """Sampled completions per held-out problem (pass@n over them; the greedy completion is scored too)."""
+    seed: int = 1234
+    """Evaluation sampling seed, independent of training."""
 
 
 class ReasonConfig(Section):

@@ -55,6 +55,7 @@ from diffusion_rl.core.run import (
 from diffusion_rl.core.tb import Writer
 from reasoning_rl.config import ReasonConfig, dump_config
 from reasoning_rl.data import format_prompt, load_problems, rows_to_problems
+from reasoning_rl.evaluation import evaluate
 from reasoning_rl.models import load_policy, prepare_trainable, save_trained
 from reasoning_rl.rollout import Rollouts, generate, token_log_probs
 
@@ -405,37 +406,17 @@ def log_step(run: Run, step: int, record: dict, rollouts: Rollouts, scores: torc
     )
 
 
-@torch.no_grad()
 def evaluate_model(run: Run) -> dict[str, float]:
-    """The reward's mean on the held-out problems for greedy completions (one per problem) and for sampled ones
-    (eval.num_generations per problem at the rollout temperature): the accuracy when the reward is 0/1
-    correctness; and the mean sampled completion length. Seeded independently of training."""
-    cfg = run.cfg
+    """`reasoning_rl.evaluation.evaluate` on the held-out problems (what `drl reason eval` reports)."""
+    cfg, r = run.cfg, run.cfg.rollout
     held_out = rows_to_problems(cfg.eval.problems, cfg.prompts, "eval.problems")
-    problems, metadata = held_out.prompts, held_out.metadata
-    texts = [format_prompt(run.tokenizer, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template) for p in problems]
-    was_training = run.model.training
-    run.model.eval()
-    r = cfg.rollout
-    enc = run.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(run.accelerator.device)
-    greedy = run.raw_model.generate(**enc, max_new_tokens=r.max_new_tokens, do_sample=False,
-                                    pad_token_id=run.tokenizer.pad_token_id, eos_token_id=run.tokenizer.eos_token_id)
-    greedy_text = run.tokenizer.batch_decode(greedy[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    greedy_scores, _ = run.reward_fn(greedy_text, problems, metadata)
-    rng = torch.random.get_rng_state()
-    torch.manual_seed(derive_seed(cfg.seed, 999_999))
-    try:
-        sampled = generate(run.raw_model, run.tokenizer, texts, problems, metadata, cfg.eval.num_generations,
-                           r.max_new_tokens, r.temperature, r.top_p, r.top_k, r.stop_strings, r.batch_size)
-    finally:
-        torch.random.set_rng_state(rng)
-    sampled_scores, _ = run.reward_fn(sampled.completions, sampled.prompts, sampled.metadata)
-    run.model.train(was_training)
-    return {
-        "greedy_reward": float(torch.nan_to_num(greedy_scores.float()).mean()),  # accuracy for a 0/1 reward
-        "sampled_reward": float(torch.nan_to_num(sampled_scores.float()).mean()),
-        "completion_length": float(sampled.lengths.float().mean()),
-    }
+    results, _ = evaluate(
+        run.raw_model, run.tokenizer, held_out, run.reward_fn, num_samples=cfg.eval.num_generations,
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+        stop_strings=r.stop_strings, batch_size=r.batch_size, system_prompt=cfg.prompts.system_prompt,
+        use_chat_template=cfg.prompts.use_chat_template, seed=cfg.eval.seed,
+    )
+    return results
 
 
 def save_checkpoint(run: Run, steps_done: int) -> None:

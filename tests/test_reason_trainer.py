@@ -196,3 +196,39 @@ def test_two_cpu_processes_generate_different_completions_and_keep_equal_weights
     assert "2 process(es) | prompts/step 4 | completions/step 16" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
+
+
+def digits_trl(completions, **columns):
+    """The digit-share reward in TRL's signature, loaded by import path through the `trl_function` reward."""
+    return [sum(ch.isdigit() for ch in c[:8]) / 8 for c in completions]
+
+
+def test_cli_resume_eval_and_sample(tmp_path):
+    """Through `drl reason`: 3 steps straight = 2 steps + `--resume auto` + 1 (same rewards, same adapter); then
+    `eval` and `sample` on the finished run."""
+    _mount_reason_cli()
+    sets = ["--set", "reward.name=trl_function", "--set", "reward.options.function=test_reason_trainer:digits_trl",
+            "--set", "checkpoint.every=1", "--set", "rollout.max_new_tokens=6"]
+
+    def reason(*args):
+        result = runner.invoke(app, ["reason", *args])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return result
+
+    reason("train", str(TINY), "--output-dir", str(tmp_path / "a"), "--set", "num_steps=3", *sets)
+    reason("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--set", "num_steps=2", *sets)
+    reason("train", str(TINY), "--output-dir", str(tmp_path / "b"), "--set", "num_steps=3", *sets, "--resume", "auto")
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in "ab"}
+    assert [r["step"] for r in rows["b"]] == [0, 1, 2]
+    assert [r["reward/mean"] for r in rows["a"]] == [r["reward/mean"] for r in rows["b"]]
+    a = load_file(tmp_path / "a" / "lora" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "adapter_model.safetensors")
+    assert any(torch.count_nonzero(v) for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    shown = json.loads(reason("eval", str(tmp_path / "a"), "--num", "3", "--json").output.strip().splitlines()[-1])
+    assert shown["problems"] == 2 and shown["num"] == 3 and set(shown["results"]) == {
+        "greedy_reward", "sampled_reward", "pass_at_3", "completion_length"}
+    assert 0.0 <= shown["results"]["sampled_reward"] <= 1.0
+    sampled = reason("sample", str(tmp_path / "a"), "-p", "2+3=", "-n", "2", "--max-new-tokens", "4").output
+    assert sampled.count("[2+3=]") == 2

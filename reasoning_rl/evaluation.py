@@ -1,0 +1,56 @@
+"""Held-out evaluation of a language model: greedy and sampled completions scored by a reward.
+
+Used by `drl reason eval` and by the trainer's periodic evaluation, so both report the same numbers for the
+same model, problems and seed. Sampling is seeded by `seed` alone (decoupled from training's randomness).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_rl.core.prompts import PromptSet
+from reasoning_rl.data import format_prompt
+from reasoning_rl.rollout import generate
+
+
+@torch.no_grad()
+def evaluate(
+    model, tokenizer, problems: PromptSet, reward_fn, *, num_samples: int = 1, max_new_tokens: int = 32,
+    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: list[str] = (), batch_size: int = 16,
+    system_prompt: str | None = None, use_chat_template: bool = True, seed: int = 1234,
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Returns ({greedy_reward, sampled_reward, pass_at_<n>, completion_length}, the completions by kind).
+
+    greedy_reward: the reward's mean over one greedy completion per problem (the accuracy for a 0/1 reward);
+    sampled_reward: its mean over `num_samples` sampled completions per problem; pass_at_<n>: the share of
+    problems where at least one of the n samples scores >= 1 (NaN scores count as 0)."""
+    was_training = model.training
+    model.eval()
+    texts = [format_prompt(tokenizer, p, system_prompt, use_chat_template) for p in problems.prompts]
+    device = next(model.parameters()).device
+    greedy_text = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, stop_strings=list(stop_strings) or None,
+                             tokenizer=tokenizer if stop_strings else None)
+        greedy_text += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    greedy_scores, _ = reward_fn(greedy_text, problems.prompts, problems.metadata)
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        sampled = generate(model, tokenizer, texts, problems.prompts, problems.metadata, num_samples, max_new_tokens,
+                           temperature, top_p, top_k, list(stop_strings), batch_size)
+    finally:
+        torch.random.set_rng_state(rng)
+    sampled_scores, _ = reward_fn(sampled.completions, sampled.prompts, sampled.metadata)
+    model.train(was_training)
+    solved = (torch.nan_to_num(sampled_scores.float()).reshape(len(texts), num_samples) >= 1.0).any(1)
+    results = {
+        "greedy_reward": float(torch.nan_to_num(greedy_scores.float()).mean()),
+        "sampled_reward": float(torch.nan_to_num(sampled_scores.float()).mean()),
+        f"pass_at_{num_samples}": float(solved.float().mean()),
+        "completion_length": float(sampled.lengths.float().mean()),
+    }
+    return results, {"greedy": greedy_text, "sampled": sampled.completions}
