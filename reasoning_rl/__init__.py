@@ -1,4 +1,4 @@
-"""drl's reasoning half: GRPO for causal language models on the shared core (`diffusion_rl.core`).
+"""drl's reasoning half: GRPO for language and vision-language models on the shared core (`diffusion_rl.core`).
 
     from reasoning_rl import load_config, train
     result = train(load_config("configs/reason_tiny.yaml"), reward_fn=my_reward, advantage_fn=my_advantages)

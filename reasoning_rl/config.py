@@ -25,8 +25,9 @@ from diffusion_rl.core.config import (  # noqa: F401  (re-exported)
 
 class ModelConfig(Section):
     pretrained: str = "builtin:tiny-random-lm"
-    """Causal LM: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`), a local directory with `config.json`, or
-    `builtin:tiny-random-lm` (a tiny randomly initialised Qwen2 with a character tokenizer, built offline)."""
+    """Causal LM or image-text model: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`, `Qwen/Qwen2-VL-2B-Instruct`), a
+    local directory with `config.json`, `builtin:tiny-random-lm` (a tiny random Qwen2 with a character tokenizer)
+    or `builtin:tiny-random-vlm` (a tiny random Qwen2-VL with its processor), both built offline."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
     local_files_only: bool = False
@@ -47,6 +48,8 @@ class ModelConfig(Section):
     """Module names that receive LoRA adapters (the attention and MLP projections of Llama/Qwen-style models)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    freeze_vision_tower: bool = True
+    """Vision-language models: keep the image encoder frozen under full fine-tuning (LoRA never touches it)."""
     seed: int = 0
     """Seed of the weights of `builtin:tiny-random-lm` (ignored for other models)."""
 
@@ -87,6 +90,13 @@ class PromptsConfig(Section):
     """Column holding the reference answer (passed to rewards as metadata["answer"]); empty = none."""
     solution_column: str | None = None
     """Optional column with a reference solution trace (metadata["solution"])."""
+    image_column: str | None = None
+    """Column with each problem's image (a path, relative to a JSONL file's folder or absolute; or a `datasets`
+    Image); set for vision-language models, empty for text-only problems."""
+    min_pixels: int | None = Field(None, ge=1)
+    """Vision-language models: resize each image to at least this many pixels (Qwen2-VL's min_pixels)."""
+    max_pixels: int | None = Field(None, ge=1)
+    """Vision-language models: resize each image to at most this many pixels (Qwen2-VL's max_pixels)."""
     system_prompt: str | None = None
     """System message put before each problem in the chat template."""
     use_chat_template: bool = True

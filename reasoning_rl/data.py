@@ -19,14 +19,16 @@ def load_problems(cfg: PromptsConfig) -> PromptSet:
         rows, where = _read_jsonl(Path(cfg.path)), cfg.path
     else:
         rows, where = _read_dataset(cfg.dataset, cfg.split), f"dataset {cfg.dataset!r} split {cfg.split!r}"
-    return rows_to_problems(rows, cfg, where)
+    base = Path(cfg.path).parent if cfg.source == "jsonl" else Path(".")
+    return rows_to_problems(rows, cfg, where, base)
 
 
-def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str) -> PromptSet:
+def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str, image_dir: Path = Path(".")) -> PromptSet:
     """Rows (mappings of columns) -> PromptSet, checking the configured columns exist."""
     if not rows:
         raise PromptError(f"{where} holds no problems")
-    columns = {cfg.problem_column: "problem", cfg.answer_column: "answer", cfg.solution_column: "solution"}
+    columns = {cfg.problem_column: "problem", cfg.answer_column: "answer", cfg.solution_column: "solution",
+               cfg.image_column: "image"}
     for key, what in columns.items():
         if key and key not in rows[0]:
             raise PromptError(
@@ -40,6 +42,8 @@ def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str) -> Prompt
             meta["answer"] = row[cfg.answer_column]
         if cfg.solution_column:
             meta["solution"] = row[cfg.solution_column]
+        if cfg.image_column:
+            meta["image"] = load_image(row[cfg.image_column], image_dir, f"{where} row {len(prompts)}")
         prompts.append(str(row[cfg.problem_column]))
         metadata.append(meta)
     return PromptSet(prompts, metadata)
@@ -77,16 +81,49 @@ def _read_dataset(name: str, split: str) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def format_prompt(tokenizer, problem: str, system_prompt: str | None, use_chat_template: bool) -> str:
-    """The text the policy continues: the chat template with the generation prompt (and the system message)."""
-    if not use_chat_template:
-        return problem
-    if not getattr(tokenizer, "chat_template", None):
+def load_image(value, base: Path, where: str):
+    """A problem's image as an RGB PIL image: a PIL image, a `datasets` Image dict ({"bytes"} or {"path"}), raw
+    bytes, or a path (relative paths are tried beside the data file)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, bytes):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        path = Path(str(value))
+        if not path.is_absolute() and not path.exists() and (base / path).exists():
+            path = base / path
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, TypeError) as err:
         raise PromptError(
-            f"the tokenizer of this model has no chat template ({type(tokenizer).__name__}); set "
+            f"{where}: cannot read the image {str(value)[:120]!r} ({type(err).__name__}: {err}); give a readable image "
+            "file path (relative to the JSONL file's folder or absolute) or image bytes in prompts.image_column"
+        ) from None
+
+
+def format_prompt(processor, problem: str, system_prompt: str | None, use_chat_template: bool,
+                  with_image: bool = False) -> str:
+    """The text the policy continues: the chat template with the generation prompt (and the system message);
+    with an image, the user turn holds an image part before the text (the processor expands its tokens)."""
+    if not use_chat_template:
+        if with_image:
+            raise PromptError("problems with images need the chat template (it places the image tokens); set "
+                              "prompts.use_chat_template=true")
+        return problem
+    owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", processor)
+    if not getattr(owner, "chat_template", None):
+        raise PromptError(
+            f"the tokenizer of this model has no chat template ({type(processor).__name__}); set "
             "prompts.use_chat_template=false to feed the raw problem text, or use an instruct/chat model"
         )
+    content = [{"type": "image"}, {"type": "text", "text": problem}] if with_image else problem
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": problem}
+        {"role": "user", "content": content}
     ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

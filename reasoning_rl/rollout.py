@@ -8,7 +8,7 @@ weights the recomputed log-probs equal the sampler's (ratio 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,11 @@ class Rollouts:
     completions: list[str]  # [B] decoded, without special tokens
     prompts: list[str]  # [B] the problems (group keys, reward inputs), G consecutive copies each
     metadata: list[dict]  # [B]
+    # vision-language models (one image per sequence): each row's image patches [n_i, D] (Qwen2-VL), its patch grid
+    # [B, 3] (t, h, w) and the token types [B, P] the multimodal rotary positions are computed from
+    pixel_values: list[torch.Tensor] | None = None
+    image_grid_thw: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -34,9 +39,13 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:  # [B] completion tokens
         return self.completion_mask.sum(1)
 
-    def rows(self, index: slice | torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors of a subset of sequences (a training micro-batch)."""
-        return {f.name: getattr(self, f.name)[index] for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+    def vision(self, index) -> dict[str, torch.Tensor] | None:
+        """The image inputs of rows `index` (a slice or index tensor) for a forward or `generate`, or None."""
+        if self.pixel_values is None:
+            return None
+        rows = range(len(self.pixel_values))[index] if isinstance(index, slice) else index.tolist()
+        return {"pixel_values": torch.cat([self.pixel_values[i] for i in rows]),
+                "image_grid_thw": self.image_grid_thw[index], "mm_token_type_ids": self.mm_token_type_ids[index]}
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -55,52 +64,89 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def placeholder_token_ids(model) -> list[int]:
+    """Token ids a vision-language model expands into image/video features: a completion must never contain one
+    (the forward would count it as an image slot), so generation suppresses them and log-probs exclude them."""
+    config = getattr(model, "config", None)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return sorted({i for name in ("image_token_id", "video_token_id")
+                   if isinstance(i := getattr(config, name, None), int) and 0 <= i < vocab})
+
+
+def encode_prompts(processor, texts: list[str], images: list | None, device) -> Rollouts:
+    """Rollouts holding only the left-padded prompts (and their image inputs); completions are filled in later."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if images is not None:
+        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        patches = enc.image_grid_thw.prod(-1).tolist()  # patches per image
+        vision = dict(pixel_values=list(enc.pixel_values.to(device).split(patches)),
+                      image_grid_thw=enc.image_grid_thw.to(device), mm_token_type_ids=enc.mm_token_type_ids.to(device))
+    else:
+        enc, vision = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False), {}
+    empty = torch.empty(0)
+    return Rollouts(prompt_ids=enc.input_ids.to(device), prompt_mask=enc.attention_mask.to(device),
+                    completion_ids=empty, completion_mask=empty, stopped=empty, completions=[], prompts=[],
+                    metadata=[], **vision)
+
+
 @torch.no_grad()
 def generate(
-    model, tokenizer, texts: list[str], prompts: list[str], metadata: list[dict], num_generations: int,
+    model, processor, texts: list[str], prompts: list[str], metadata: list[dict], num_generations: int,
     max_new_tokens: int, temperature: float, top_p: float, top_k: int, stop_strings: list[str], batch_size: int,
+    images: list | None = None,
 ) -> Rollouts:
-    """`num_generations` sampled completions of each formatted prompt text (G consecutive rows per prompt)."""
+    """`num_generations` sampled completions of each formatted prompt text (G consecutive rows per prompt).
+    `processor` is the tokenizer, or a vision-language model's processor when `images` (one per text) are given."""
     device = next(model.parameters()).device
-    texts = [t for t in texts for _ in range(num_generations)]
-    prompts = [p for p in prompts for _ in range(num_generations)]
-    metadata = [m for m in metadata for _ in range(num_generations)]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids, prompt_mask = enc.input_ids.to(device), enc.attention_mask.to(device)  # [B, P]
-    eos = tokenizer.eos_token_id
+    tokenizer = getattr(processor, "tokenizer", processor)
+    repeat = lambda items: [x for x in items for _ in range(num_generations)]  # noqa: E731
+    texts, prompts, metadata = repeat(texts), repeat(prompts), repeat(metadata)
+    rollouts = encode_prompts(processor, texts, repeat(images) if images is not None else None, device)
+    rollouts.prompts, rollouts.metadata = prompts, metadata
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    suppressed = placeholder_token_ids(model) if images is not None else []
     pieces = []
     for start in range(0, len(texts), batch_size):
         chunk = slice(start, start + batch_size)
         out = model.generate(
-            input_ids=prompt_ids[chunk], attention_mask=prompt_mask[chunk], max_new_tokens=max_new_tokens,
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None,
-            stop_strings=stop_strings or None, tokenizer=tokenizer if stop_strings else None,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+            input_ids=rollouts.prompt_ids[chunk], attention_mask=rollouts.prompt_mask[chunk],
+            **(rollouts.vision(chunk) or {}), max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+            top_p=top_p, top_k=top_k or None, stop_strings=stop_strings or None,
+            tokenizer=tokenizer if stop_strings else None, pad_token_id=pad, eos_token_id=eos,
+            suppress_tokens=suppressed or None,
         )
-        pieces.append(out[:, prompt_ids.shape[1]:])  # [b, <= max_new_tokens]
+        pieces.append(out[:, rollouts.prompt_ids.shape[1]:])  # [b, <= max_new_tokens]
     width = max(p.shape[1] for p in pieces)
-    completion_ids = torch.cat([F.pad(p, (0, width - p.shape[1]), value=tokenizer.pad_token_id) for p in pieces])
-    mask = completion_mask(completion_ids, eos, tokenizer.pad_token_id)
-    completions = tokenizer.batch_decode(torch.where(mask, completion_ids, tokenizer.pad_token_id), skip_special_tokens=True)
+    completion_ids = torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+    mask = completion_mask(completion_ids, eos, pad)
+    completions = tokenizer.batch_decode(torch.where(mask, completion_ids, pad), skip_special_tokens=True)
     hit_stop = torch.tensor([any(s in c for s in stop_strings) for c in completions], device=device, dtype=torch.bool)
-    return Rollouts(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=mask.long(),
-        stopped=(completion_ids == eos).any(1) | hit_stop, completions=completions, prompts=prompts, metadata=metadata,
-    )
+    rollouts.completion_ids, rollouts.completion_mask, rollouts.completions = completion_ids, mask.long(), completions
+    rollouts.stopped = (completion_ids == eos).any(1) | hit_stop
+    return rollouts
 
 
 def token_log_probs(
     model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor, temperature: float, with_entropy: bool = False,
+    completion_mask: torch.Tensor, temperature: float, with_entropy: bool = False, vision: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(o_t | q, o_<t) of every completion token [B, C] in fp32 (0 at masked positions), from one forward
-    over [prompt; completion]; optionally the entropy of each position's distribution [B, C]."""
+    over [prompt; completion]; optionally the entropy of each position's distribution [B, C]. With `vision`
+    (`Rollouts.vision`), the model computes its own multimodal positions from the token types, as in generate."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P + C]
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids(attention),
-                   use_cache=False).logits
+    suppressed = []
+    if vision is not None:
+        types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)  # text after P
+        inputs = dict(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"], mm_token_type_ids=types)
+        suppressed = placeholder_token_ids(model)
+    else:
+        inputs = dict(position_ids=position_ids(attention))
+    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, **inputs).logits
     C = completion_ids.shape[1]
     logits = logits[:, -C - 1 : -1].float() / temperature  # [B, C, V] the positions that predict o_1..o_C
+    if suppressed:  # the sampler never draws them: the same distribution, renormalised without them
+        logits[..., suppressed] = float("-inf")
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)  # [B, C]
     logp = torch.where(completion_mask.bool(), logp, torch.zeros((), device=logp.device))

@@ -3,7 +3,8 @@
 `train()` is the outline; each phase is a function below it, in loop order (the diffusion trainer's names,
 with "epoch" -> "step" and trajectories -> completions):
 
-    setup             accelerator, model + tokenizer + LoRA, optimizer, lr schedule, reward, problems, sampler
+    setup             accelerator, model + tokenizer/processor + LoRA, optimizer, lr schedule, reward, problems,
+                      sampler
     restore           resume from a checkpoint: weights, optimizer, RNG, prompt sampler, counters
     evaluate_before   greedy and sampled accuracy on the held-out problems
     per step:
@@ -56,7 +57,7 @@ from diffusion_rl.core.tb import Writer
 from reasoning_rl.config import ReasonConfig, dump_config
 from reasoning_rl.data import format_prompt, load_problems, rows_to_problems
 from reasoning_rl.evaluation import evaluate
-from reasoning_rl.models import load_policy, prepare_trainable, save_trained
+from reasoning_rl.models import load_policy, prepare_trainable, save_trained, set_image_pixels
 from reasoning_rl.rollout import Rollouts, generate, token_log_probs
 
 # Config sections a resumed run may change freely; any other difference is reported (model changes are errors).
@@ -71,7 +72,7 @@ class TrainResult:
     eval_before: dict | None = None
     eval_after: dict | None = None
     model: object | None = None  # the trained model (peft-wrapped under LoRA), ready to generate
-    tokenizer: object | None = None
+    processor: object | None = None  # the tokenizer, or the vision-language model's processor
     process_index: int = 0
 
 
@@ -84,7 +85,7 @@ class Run(ProcessInfo):
     accelerator: Accelerator
     model: torch.nn.Module  # the accelerate-prepared model (DDP syncs its trainable gradients)
     raw_model: torch.nn.Module  # the same model unwrapped (generation, the reference, saving)
-    tokenizer: object
+    processor: object  # the tokenizer, or a vision-language model's processor (it holds the tokenizer)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -153,10 +154,11 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
     )
     set_seed(cfg.seed, device_specific=True)
     m, t = cfg.model, cfg.train
-    raw_model, tokenizer = load_policy(m.pretrained, m.revision, m.dtype, m.local_files_only, m.trust_remote_code,
+    raw_model, processor = load_policy(m.pretrained, m.revision, m.dtype, m.local_files_only, m.trust_remote_code,
                                        m.gguf_file, m.seed)
+    set_image_pixels(processor, cfg.prompts.min_pixels, cfg.prompts.max_pixels)
     raw_model, params = prepare_trainable(raw_model, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules,
-                                          m.gradient_checkpointing)
+                                          m.gradient_checkpointing, m.freeze_vision_tower)
     raw_model.to(accelerator.device)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
@@ -172,7 +174,7 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
     out = Path(cfg.output_dir)
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, model=model, raw_model=accelerator.unwrap_model(model),
-        tokenizer=tokenizer, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, guard=guard,
+        processor=processor, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, guard=guard,
         reward_fn=reward_fn, problems=problems,
         sampler=PromptSampler(problems, cfg.seed, accelerator.num_processes, accelerator.process_index),
         writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
@@ -232,12 +234,14 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
     (ids,) = run.sampler.epoch_indices(step, 1, r.prompts_per_step)
     problems = [run.problems.prompts[i] for i in ids]
     metadata = [run.problems.metadata[i] for i in ids]
-    texts = [format_prompt(run.tokenizer, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template) for p in problems]
+    images = [m["image"] for m in metadata] if cfg.prompts.image_column else None
+    texts = [format_prompt(run.processor, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template, images is not None)
+             for p in problems]
     torch.manual_seed(derive_seed(cfg.seed, step, run.rank))  # generate samples from the global generator
     run.model.eval()
     rollouts = generate(
-        run.raw_model, run.tokenizer, texts, problems, metadata, r.num_generations, r.max_new_tokens, r.temperature,
-        r.top_p, r.top_k, r.stop_strings, r.batch_size,
+        run.raw_model, run.processor, texts, problems, metadata, r.num_generations, r.max_new_tokens, r.temperature,
+        r.top_p, r.top_k, r.stop_strings, r.batch_size, images,
     )
     scores, info = run.reward_fn(rollouts.completions, rollouts.prompts, rollouts.metadata)
     scores = scores.float().cpu()
@@ -306,6 +310,7 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
                     logp, entropy = token_log_probs(
                         run.model, rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], rollouts.completion_ids[idx],
                         rollouts.completion_mask[idx], cfg.rollout.temperature, with_entropy=t.entropy_coef > 0,
+                        vision=rollouts.vision(idx),
                     )
                 loss, step_metrics = grpo.grpo_loss(
                     logp,  # [b, C] fp32
@@ -337,7 +342,7 @@ def _log_probs_no_grad(run: Run, rollouts: Rollouts, model) -> torch.Tensor:
         with run.accelerator.autocast():
             logp, _ = token_log_probs(model, rollouts.prompt_ids[rows], rollouts.prompt_mask[rows],
                                       rollouts.completion_ids[rows], rollouts.completion_mask[rows],
-                                      run.cfg.rollout.temperature)
+                                      run.cfg.rollout.temperature, vision=rollouts.vision(rows))
         parts.append(logp)
     return torch.cat(parts)
 
@@ -411,7 +416,7 @@ def evaluate_model(run: Run) -> dict[str, float]:
     cfg, r = run.cfg, run.cfg.rollout
     held_out = rows_to_problems(cfg.eval.problems, cfg.prompts, "eval.problems")
     results, _ = evaluate(
-        run.raw_model, run.tokenizer, held_out, run.reward_fn, num_samples=cfg.eval.num_generations,
+        run.raw_model, run.processor, held_out, run.reward_fn, num_samples=cfg.eval.num_generations,
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         stop_strings=r.stop_strings, batch_size=r.batch_size, system_prompt=cfg.prompts.system_prompt,
         use_chat_template=cfg.prompts.use_chat_template, seed=cfg.eval.seed,
@@ -433,11 +438,11 @@ def finish(run: Run, result: TrainResult) -> None:
             print("[drl] eval after training: " + " | ".join(f"{k} {v:.4f}" for k, v in result.eval_after.items()))
     run.accelerator.wait_for_everyone()
     if run.main:
-        result.weights_dir = save_trained(run.raw_model, run.tokenizer, cfg.model.use_lora, run.out)
+        result.weights_dir = save_trained(run.raw_model, run.processor, cfg.model.use_lora, run.out)
         print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
-    result.model, result.tokenizer = run.raw_model, run.tokenizer
+    result.model, result.processor = run.raw_model, run.processor
 
 
 def _versions() -> dict:
