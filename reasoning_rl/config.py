@@ -71,6 +71,11 @@ class RolloutConfig(Section):
     """Generation stops at the first of these strings (it is kept in the completion)."""
     batch_size: int = Field(16, ge=1)
     """Sequences per `generate` call (memory knob; results do not depend on it)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop problems whose G rewards are all equal (no signal) and draw new problems until
+    prompts_per_step are kept or max_generation_rounds rounds have run."""
+    max_generation_rounds: int = Field(3, ge=1)
+    """With dynamic_sampling: generation rounds per step at most (a step may train on fewer problems)."""
 
 
 class PromptsConfig(Section):
@@ -90,6 +95,9 @@ class PromptsConfig(Section):
     """Column holding the reference answer (passed to rewards as metadata["answer"]); empty = none."""
     solution_column: str | None = None
     """Optional column with a reference solution trace (metadata["solution"])."""
+    off_policy_column: str | None = None
+    """LUFFY: column with an off-policy reasoning trace per problem (e.g. a stronger model's solution), used as
+    train.off_policy_per_group of the G completions; read into metadata["off_policy"]."""
     image_column: str | None = None
     """Column with each problem's image (a path, relative to a JSONL file's folder or absolute; or a `datasets`
     Image); set for vision-language models, empty for text-only problems."""
@@ -113,6 +121,28 @@ class AdvantageConfig(Section):
     """Added to the group std before dividing (TRL 1e-4, verl 1e-6)."""
     unbiased_std: bool = True
     """Bessel-corrected (n - 1) group std, as every LLM framework uses."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO soft overlong punishment: completions longer than rollout.max_new_tokens - overlong_buffer lose reward
+    linearly, down to -overlong_penalty_factor at max_new_tokens (0 = off)."""
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    """The largest overlong penalty."""
+    pad: bool = False
+    """ReVisual-R1 Prioritized Advantage Distillation: after the advantages, keep completions with pad_t_low <= |A|
+    <= pad_t_high and train on round(pad_ratio x N) of them drawn by priority."""
+    pad_ratio: float = Field(1.5, gt=0)
+    """PAD: completions drawn, as a multiple of the step's completions (the released script uses 1.5)."""
+    pad_t_low: float = Field(0.03, ge=0)
+    """PAD: smallest |A| kept."""
+    pad_t_high: float | None = Field(0.97, gt=0)
+    """PAD: largest |A| kept (empty = no upper bound)."""
+    pad_priority: Literal["power", "softmax"] = "power"
+    """PAD priority: |A|^pad_alpha (the released code) or softmax(|A| / pad_temperature) (the paper)."""
+    pad_alpha: float = Field(1.5, gt=0)
+    """PAD: exponent of the power priority."""
+    pad_temperature: float | None = Field(None, gt=0)
+    """PAD: temperature of the softmax priority (needed with pad_priority=softmax)."""
+    pad_replacement: bool = True
+    """PAD: draw with replacement (the released code) or without (each completion at most once)."""
 
 
 class TrainConfig(Section):
@@ -149,7 +179,24 @@ class TrainConfig(Section):
     dual_clip: float | None = Field(None, gt=1)
     """Dual-clip c (> 1): for negative advantages the loss is capped at -c * A (verl / EasyR1 use 3)."""
     entropy_coef: float = Field(0.0, ge=0)
-    """Weight of an entropy bonus (the token-mean entropy is subtracted from the loss)."""
+    """Weight of an entropy bonus (the token-mean entropy is subtracted from the loss); the schedule's start value."""
+    entropy_schedule: Literal["constant", "exponential", "adaptive"] = "constant"
+    """Entropy-coefficient schedule: constant; exponential decay by entropy_decay per step (ReVisual-R1: 0.02, 0.985);
+    adaptive (Skywork-OR1): moved by entropy_delta towards keeping the entropy at entropy_target, in
+    [0, entropy_coef_max]."""
+    entropy_decay: float = Field(0.985, gt=0, le=1)
+    """Exponential schedule: factor per step."""
+    entropy_target: float = Field(0.2, ge=0)
+    """Adaptive schedule: target token entropy."""
+    entropy_delta: float = Field(1e-4, gt=0)
+    """Adaptive schedule: change of the coefficient per step."""
+    entropy_coef_max: float = Field(0.005, ge=0)
+    """Adaptive schedule: largest coefficient."""
+    off_policy_per_group: int = Field(0, ge=0)
+    """LUFFY: how many of each problem's G completions are its off-policy trace (prompts.off_policy_column); their
+    tokens get the unclipped policy-shaping loss -A * pi / (pi + luffy_gamma). 0 = off."""
+    luffy_gamma: float = Field(0.1, gt=0)
+    """LUFFY policy-shaping gamma."""
     beta: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the reference (the model with LoRA disabled) in the loss."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -236,6 +283,22 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
         problems.append(
             f"rollout.num_generations ({r.num_generations}) < 2: a group of one has no spread, so every advantage "
             "is 0; use at least 2 (GRPO uses 8)"
+        )
+    if t.off_policy_per_group and not p.off_policy_column:
+        problems.append("train.off_policy_per_group > 0 (LUFFY) needs prompts.off_policy_column (the traces' column)")
+    if t.off_policy_per_group >= r.num_generations:
+        problems.append(
+            f"train.off_policy_per_group ({t.off_policy_per_group}) must leave on-policy samples among "
+            f"rollout.num_generations ({r.num_generations}); use at most {r.num_generations - 1}"
+        )
+    if t.off_policy_per_group and t.beta > 0:
+        problems.append("LUFFY (train.off_policy_per_group > 0) has no KL term; set train.beta=0")
+    if cfg.advantage.pad and cfg.advantage.pad_priority == "softmax" and cfg.advantage.pad_temperature is None:
+        problems.append("advantage.pad_priority=softmax needs advantage.pad_temperature (e.g. 0.3)")
+    if cfg.advantage.overlong_buffer >= r.max_new_tokens:
+        problems.append(
+            f"advantage.overlong_buffer ({cfg.advantage.overlong_buffer}) must be below rollout.max_new_tokens "
+            f"({r.max_new_tokens}); DAPO uses 4096 of 20480"
         )
     if t.beta > 0 and not cfg.model.use_lora:
         problems.append("train.beta > 0 needs model.use_lora=true (the reference is the model with LoRA disabled)")

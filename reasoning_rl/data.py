@@ -28,7 +28,7 @@ def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str, image_dir
     if not rows:
         raise PromptError(f"{where} holds no problems")
     columns = {cfg.problem_column: "problem", cfg.answer_column: "answer", cfg.solution_column: "solution",
-               cfg.image_column: "image"}
+               cfg.image_column: "image", cfg.off_policy_column: "off_policy"}
     for key, what in columns.items():
         if key and key not in rows[0]:
             raise PromptError(
@@ -42,6 +42,8 @@ def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str, image_dir
             meta["answer"] = row[cfg.answer_column]
         if cfg.solution_column:
             meta["solution"] = row[cfg.solution_column]
+        if cfg.off_policy_column:
+            meta["off_policy"] = str(row[cfg.off_policy_column])
         if cfg.image_column:
             meta["image"] = load_image(row[cfg.image_column], image_dir, f"{where} row {len(prompts)}")
         prompts.append(str(row[cfg.problem_column]))

@@ -31,6 +31,8 @@ class Rollouts:
     pixel_values: list[torch.Tensor] | None = None
     image_grid_thw: torch.Tensor | None = None
     mm_token_type_ids: torch.Tensor | None = None
+    off_policy: torch.Tensor | None = None  # [B] bool: the completion is a dataset trace (LUFFY), not sampled
+    pad_id: int = 0
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -46,6 +48,70 @@ class Rollouts:
         rows = range(len(self.pixel_values))[index] if isinstance(index, slice) else index.tolist()
         return {"pixel_values": torch.cat([self.pixel_values[i] for i in rows]),
                 "image_grid_thw": self.image_grid_thw[index], "mm_token_type_ids": self.mm_token_type_ids[index]}
+
+
+    def select(self, index: torch.Tensor) -> Rollouts:
+        """The rows `index` [k] (repeats allowed: PAD resamples with replacement), in that order."""
+        rows = index.tolist()
+        take = lambda x: None if x is None else x[index.to(x.device)]  # noqa: E731
+        return Rollouts(
+            prompt_ids=take(self.prompt_ids), prompt_mask=take(self.prompt_mask), completion_ids=take(self.completion_ids),
+            completion_mask=take(self.completion_mask), stopped=take(self.stopped),
+            completions=[self.completions[i] for i in rows], prompts=[self.prompts[i] for i in rows],
+            metadata=[self.metadata[i] for i in rows],
+            pixel_values=None if self.pixel_values is None else [self.pixel_values[i] for i in rows],
+            image_grid_thw=take(self.image_grid_thw), mm_token_type_ids=take(self.mm_token_type_ids),
+            off_policy=take(self.off_policy), pad_id=self.pad_id,
+        )
+
+    @staticmethod
+    def cat(parts: list[Rollouts]) -> Rollouts:
+        """Rows of several generation rounds in one batch: prompts re-padded on the left, completions on the right."""
+        if len(parts) == 1:
+            return parts[0]
+        P = max(p.prompt_ids.shape[1] for p in parts)
+        C = max(p.completion_ids.shape[1] for p in parts)
+        left = lambda x, v: F.pad(x, (P - x.shape[1], 0), value=v)  # noqa: E731
+        right = lambda x, v: F.pad(x, (0, C - x.shape[1]), value=v)  # noqa: E731
+        cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
+        pad = parts[0].pad_id
+        return Rollouts(
+            prompt_ids=torch.cat([left(p.prompt_ids, pad) for p in parts]),
+            prompt_mask=torch.cat([left(p.prompt_mask, 0) for p in parts]),
+            completion_ids=torch.cat([right(p.completion_ids, pad) for p in parts]),
+            completion_mask=torch.cat([right(p.completion_mask, 0) for p in parts]),
+            stopped=torch.cat([p.stopped for p in parts]),
+            completions=sum((p.completions for p in parts), []), prompts=sum((p.prompts for p in parts), []),
+            metadata=sum((p.metadata for p in parts), []),
+            pixel_values=None if parts[0].pixel_values is None else sum((p.pixel_values for p in parts), []),
+            image_grid_thw=cat([p.image_grid_thw for p in parts]),
+            mm_token_type_ids=None if parts[0].mm_token_type_ids is None
+            else torch.cat([left(p.mm_token_type_ids, 0) for p in parts]),
+            off_policy=cat([p.off_policy for p in parts]), pad_id=pad,
+        )
+
+    def with_traces(self, slots: torch.Tensor, traces: list[str], processor) -> Rollouts:
+        """LUFFY's mixed group: the rows where `slots` [B] is set take their problem's off-policy trace (a
+        reference solution, tokenised and ended with eos) as the completion; the other rows keep their samples."""
+        tokenizer = getattr(processor, "tokenizer", processor)
+        rows = slots.nonzero().flatten().tolist()
+        if not rows:
+            self.off_policy = torch.zeros(len(self), dtype=torch.bool, device=self.completion_ids.device)
+            return self
+        ids = [tokenizer(traces[i], add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for i in rows]
+        C = max(self.completion_ids.shape[1], max(len(x) for x in ids))
+        completion_ids = F.pad(self.completion_ids, (0, C - self.completion_ids.shape[1]), value=self.pad_id)
+        mask = F.pad(self.completion_mask, (0, C - self.completion_mask.shape[1]), value=0)
+        for i, trace in zip(rows, ids, strict=True):
+            completion_ids[i] = self.pad_id
+            completion_ids[i, : len(trace)] = torch.tensor(trace, device=completion_ids.device)
+            mask[i] = 0
+            mask[i, : len(trace)] = 1
+            self.completions[i] = traces[i]
+        self.completion_ids, self.completion_mask = completion_ids, mask
+        self.stopped = self.stopped | slots.to(self.stopped.device)
+        self.off_policy = slots.to(self.completion_ids.device).bool()
+        return self
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -123,6 +189,7 @@ def generate(
     hit_stop = torch.tensor([any(s in c for s in stop_strings) for c in completions], device=device, dtype=torch.bool)
     rollouts.completion_ids, rollouts.completion_mask, rollouts.completions = completion_ids, mask.long(), completions
     rollouts.stopped = (completion_ids == eos).any(1) | hit_stop
+    rollouts.pad_id = pad
     return rollouts
 
 

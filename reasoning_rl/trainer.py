@@ -27,6 +27,7 @@ Launch with `drl reason train` (one process) or `accelerate launch -m diffusion_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,13 @@ from transformers import get_scheduler
 import rewards
 from diffusion_rl.core import checkpoint, grpo
 from diffusion_rl.core import run as run_helpers
+from diffusion_rl.core.methods import (
+    DynamicSampler,
+    luffy_loss,
+    make_entropy_schedule,
+    pad_select,
+    replace_with_off_policy,
+)
 from diffusion_rl.core.prompts import PromptSampler, PromptSet
 from diffusion_rl.core.run import (
     MetricAccumulator,
@@ -93,12 +101,13 @@ class Run(ProcessInfo):
     reward_fn: rewards.RewardFn
     problems: PromptSet
     sampler: PromptSampler
+    entropy_schedule: object  # diffusion_rl.core.methods entropy-coefficient schedule (checkpointed)
     writer: Writer
     callbacks: Sequence[TrainerCallback]
     start_step: int = 0
 
     def stateful(self) -> dict:
-        return {"prompt_sampler": self.sampler}
+        return {"prompt_sampler": self.sampler, "entropy_schedule": self.entropy_schedule}
 
 
 def train(
@@ -121,10 +130,11 @@ def train(
             for cb in run.callbacks:
                 cb.on_epoch_start(step)
             t_step = time.perf_counter()
-            rollouts, scores, reward_info = generate_step(run, step)
+            rollouts, scores, sampling_info = generate_step(run, step)
             t_generated = time.perf_counter()
             advantages = compute_advantages(run, rollouts, scores, advantage_fn)
-            losses = train_step(run, rollouts, advantages, step)
+            trained, trained_advantages, pad_info = select_for_training(run, rollouts, advantages, step)
+            losses = {**train_step(run, trained, trained_advantages, step), **sampling_info, **pad_info}
             timings = {"generate_s": t_generated - t_step, "train_s": time.perf_counter() - t_generated,
                        "step_s": time.perf_counter() - t_step}
             record = step_record(run, step, rollouts, scores, advantages, losses, timings)
@@ -147,11 +157,8 @@ def train(
 
 def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[TrainerCallback] = ()) -> Run:
     AcceleratorState._reset_state(reset_partial_state=False)
-    geo = cfg.geometry(1)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=geo["micro_batches_per_update"],  # one optimizer step per pass
-    )
+    # micro-batches are accumulated by train_step itself (their number varies with PAD and dynamic sampling)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.seed, device_specific=True)
     m, t = cfg.model, cfg.train
     raw_model, processor = load_policy(m.pretrained, m.revision, m.dtype, m.local_files_only, m.trust_remote_code,
@@ -177,7 +184,7 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
         processor=processor, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, guard=guard,
         reward_fn=reward_fn, problems=problems,
         sampler=PromptSampler(problems, cfg.seed, accelerator.num_processes, accelerator.process_index),
-        writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
+        entropy_schedule=_entropy_schedule(cfg), writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
     )
 
 
@@ -229,23 +236,51 @@ def evaluate_before(run: Run) -> dict | None:
 
 
 def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
-    """This process's completions for `step` and their rewards [B] (NaN = unscorable)."""
+    """This process's completions for `step` and their rewards [B] (NaN = unscorable): one round, or with dynamic
+    sampling rounds of new problems until `prompts_per_step` problems with reward spread are kept."""
+    r = run.cfg.rollout
+    rounds = r.max_generation_rounds if r.dynamic_sampling else 1
+    batches = run.sampler.epoch_indices(step, rounds, r.prompts_per_step)
+    if not r.dynamic_sampling:
+        return (*_generate_round(run, step, 0, batches[0]), {})
+    sampler = DynamicSampler(target_groups=r.prompts_per_step, max_rounds=rounds)
+    parts, scores = [], []
+    for round_index, ids in enumerate(batches):
+        rollouts, round_scores = _generate_round(run, step, round_index, ids)
+        parts.append(rollouts)
+        scores.append(round_scores)
+        if sampler.add(None, round_scores, torch.arange(len(rollouts)) // r.num_generations):
+            break
+    keep = sampler.selected()
+    info = {f"dynamic_sampling_{k}": float(v) for k, v in sampler.metrics().items()}
+    return Rollouts.cat(parts).select(keep), torch.cat(scores)[keep], info
+
+
+def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tuple[Rollouts, torch.Tensor]:
     cfg, r = run.cfg, run.cfg.rollout
-    (ids,) = run.sampler.epoch_indices(step, 1, r.prompts_per_step)
     problems = [run.problems.prompts[i] for i in ids]
     metadata = [run.problems.metadata[i] for i in ids]
     images = [m["image"] for m in metadata] if cfg.prompts.image_column else None
     texts = [format_prompt(run.processor, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template, images is not None)
              for p in problems]
-    torch.manual_seed(derive_seed(cfg.seed, step, run.rank))  # generate samples from the global generator
+    torch.manual_seed(derive_seed(cfg.seed, step, run.rank, round_index))  # generate samples from the global RNG
     run.model.eval()
     rollouts = generate(
         run.raw_model, run.processor, texts, problems, metadata, r.num_generations, r.max_new_tokens, r.temperature,
         r.top_p, r.top_k, r.stop_strings, r.batch_size, images,
     )
-    scores, info = run.reward_fn(rollouts.completions, rollouts.prompts, rollouts.metadata)
+    m = cfg.train.off_policy_per_group
+    if m:  # LUFFY: m of each group's G completions become the problem's off-policy trace
+        slots = replace_with_off_policy(torch.arange(len(rollouts)) // r.num_generations, m)
+        rollouts = rollouts.with_traces(slots, [meta["off_policy"] for meta in rollouts.metadata], run.processor)
+    scores, _ = run.reward_fn(rollouts.completions, rollouts.prompts, rollouts.metadata)
     scores = scores.float().cpu()
-    valid = torch.isfinite(scores)
+    _check_unscorable(run, scores, step)
+    return rollouts, scores
+
+
+def _check_unscorable(run: Run, scores: torch.Tensor, step: int) -> None:
+    cfg, valid = run.cfg, torch.isfinite(scores)
     if cfg.reward.nonfinite == "error" and not bool(valid.all()):
         raise rewards.RewardError(
             f"reward {run.reward_fn.name!r} returned {int((~valid).sum())} non-finite score(s) at step {step}; fix the "
@@ -256,7 +291,6 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
             f"reward {run.reward_fn.name!r}: {int((~valid).sum())}/{len(valid)} completions unscorable at step {step}, "
             f"more than reward.max_unscorable_fraction={cfg.reward.max_unscorable_fraction}"
         )
-    return rollouts, scores, info
 
 
 # ================================================================================================
@@ -265,9 +299,13 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
 
 
 def compute_advantages(run: Run, rollouts: Rollouts, scores: torch.Tensor, advantage_fn: Callable | None) -> torch.Tensor:
-    """[B] fp32: each completion's reward standardised within its problem's G completions (all on this process)."""
+    """[B] fp32: each completion's reward (with DAPO's soft overlong penalty when set) standardised within its
+    problem's G completions (all on this process)."""
     G, a = run.cfg.rollout.num_generations, run.cfg.advantage
     group_ids = torch.arange(len(rollouts)) // G  # [B]: G consecutive completions per problem
+    if a.overlong_buffer:
+        scores = scores + grpo.soft_overlong_penalty(rollouts.lengths.cpu(), run.cfg.rollout.max_new_tokens,
+                                                      a.overlong_buffer, a.overlong_penalty_factor)
     if advantage_fn is not None:
         adv = torch.as_tensor(advantage_fn(scores, group_ids), dtype=torch.float32)
         if adv.shape != scores.shape:
@@ -275,6 +313,19 @@ def compute_advantages(run: Run, rollouts: Rollouts, scores: torch.Tensor, advan
         return torch.where(torch.isfinite(scores), adv, 0.0)
     return grpo.group_advantages(scores, group_ids, eps=a.epsilon, unbiased=a.unbiased_std, scale=a.scale,
                                  baseline=a.baseline)
+
+
+def select_for_training(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int):
+    """PAD (when on): the completions to train on, drawn by |advantage| priority within the band; else all."""
+    a = run.cfg.advantage
+    if not a.pad:
+        return rollouts, advantages, {}
+    generator = torch.Generator().manual_seed(derive_seed(run.cfg.seed, step, run.rank, 2_000_000))
+    index, metrics = pad_select(
+        advantages, ratio=a.pad_ratio, t_low=a.pad_t_low, t_high=a.pad_t_high, priority=a.pad_priority,
+        alpha=a.pad_alpha, temperature=a.pad_temperature, replacement=a.pad_replacement, generator=generator,
+    )
+    return rollouts.select(index), advantages[index], {f"pad_{k}": float(v) for k, v in metrics.items()}
 
 
 # ================================================================================================
@@ -296,40 +347,57 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
     run.model.train()
     metrics, grad_norms = MetricAccumulator(), []
     B, acc = len(rollouts), run.accelerator
-    # dapo: every completion token of the pass, on every process, weighs the same. Each micro-batch divides its sum
-    # by N_global / (world x accumulation steps): accelerate then divides by the accumulation steps and DDP averages
-    # over processes, so the step's gradient is that of sum / N_global.
+    # dapo: every completion token of the pass, on every process, weighs the same: each micro-batch divides its sum
+    # by N_global / world, the micro-batches' gradients add up, and DDP averages over processes.
     n_global = float(acc.reduce(loss_mask.sum().float().to(device), reduction="sum"))
-    per_micro_count = max(n_global, 1.0) / (run.world * acc.gradient_accumulation_steps)
+    per_process_count = max(n_global, 1.0) / run.world
+    entropy_coef = run.entropy_schedule.value()
+    luffy = rollouts.off_policy is not None and bool(rollouts.off_policy.any())
     for iteration in range(t.num_iterations):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, iteration)))
-        for start in tqdm(range(0, B, t.micro_batch_size), desc=f"step {step} training", disable=not run.main, leave=False):
-            idx = order[start : start + t.micro_batch_size]
-            with acc.accumulate(run.model):
+        micro_batches = list(order.split(t.micro_batch_size))
+        entropies, total = [], torch.zeros((), device=device)
+        for i, idx in enumerate(tqdm(micro_batches, desc=f"step {step} training", disable=not run.main, leave=False)):
+            # gradients are all-reduced once per pass, at its last micro-batch (the same count on every process)
+            with acc.no_sync(run.model) if i < len(micro_batches) - 1 else contextlib.nullcontext():
                 with acc.autocast():
                     logp, entropy = token_log_probs(
                         run.model, rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], rollouts.completion_ids[idx],
-                        rollouts.completion_mask[idx], cfg.rollout.temperature, with_entropy=t.entropy_coef > 0,
-                        vision=rollouts.vision(idx),
+                        rollouts.completion_mask[idx], cfg.rollout.temperature,
+                        with_entropy=entropy_coef > 0 or t.entropy_schedule == "adaptive", vision=rollouts.vision(idx),
                     )
-                loss, step_metrics = grpo.grpo_loss(
-                    logp,  # [b, C] fp32
-                    old_logp[idx] if old_logp is not None else None,  # None: on policy, ratio 1 in value
-                    advantages[idx].to(device),  # [b], broadcast over tokens
-                    loss_mask[idx].to(device),
+                common = dict(
                     ratio_level=t.ratio_level, clip_low=t.clip_range, clip_high=t.clip_range_high,
-                    dual_clip=t.dual_clip, aggregation=t.loss_aggregation, num_items_in_batch=per_micro_count,
+                    dual_clip=t.dual_clip, aggregation=t.loss_aggregation, num_items_in_batch=per_process_count,
                     max_completion_length=max(cfg.rollout.max_new_tokens, rollouts.completion_ids.shape[1]),
-                    logp_ref=ref_logp[idx] if ref_logp is not None else None, beta=t.beta,
-                    kl_estimator=t.kl_estimator, entropy=entropy, entropy_coef=t.entropy_coef,
+                    entropy=entropy if entropy_coef > 0 else None, entropy_coef=entropy_coef,
                 )
-                acc.backward(loss)
-                metrics.add(step_metrics)
-                if acc.sync_gradients:
-                    grad_norm = run.guard.step(loss, where=f"(step {step})")
-                    if grad_norm is not None:
-                        grad_norms.append(grad_norm)
-    return {**metrics.result(), "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "updates": len(grad_norms)}
+                old = old_logp[idx] if old_logp is not None else None  # None: on policy, ratio 1 in value
+                if luffy:
+                    loss, step_metrics = luffy_loss(logp, old, advantages[idx].to(device), loss_mask[idx].to(device),
+                                                    rollouts.off_policy[idx], gamma=t.luffy_gamma, **common)
+                else:
+                    loss, step_metrics = grpo.grpo_loss(
+                        logp, old, advantages[idx].to(device), loss_mask[idx].to(device),
+                        logp_ref=ref_logp[idx] if ref_logp is not None else None, beta=t.beta,
+                        kl_estimator=t.kl_estimator, **common,
+                    )
+                # dapo's divisor already spans the pass; the other aggregations average the micro-batches
+                scaled = loss if t.loss_aggregation == "dapo" else loss / len(micro_batches)
+                acc.backward(scaled)
+            total = total + scaled.detach()
+            metrics.add(step_metrics)
+            if entropy is not None:
+                entropies.append((entropy * loss_mask[idx]).sum() / loss_mask[idx].sum().clamp(min=1))
+        if not micro_batches:  # nothing to train on here (e.g. PAD kept no completion): join the all-reduce
+            acc.backward(sum(p.sum() for p in run.params) * 0.0)
+        grad_norm = run.guard.step(total, where=f"(step {step})")
+        if grad_norm is not None:
+            grad_norms.append(grad_norm)
+    mean_entropy = float(torch.stack(entropies).mean()) if entropies else None
+    run.entropy_schedule.step(mean_entropy)
+    return {**metrics.result(), "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "updates": len(grad_norms),
+            "entropy_coef": entropy_coef}
 
 
 @torch.no_grad()
@@ -443,6 +511,16 @@ def finish(run: Run, result: TrainResult) -> None:
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     result.model, result.processor = run.raw_model, run.processor
+
+
+def _entropy_schedule(cfg: ReasonConfig):
+    t = cfg.train
+    if t.entropy_schedule == "constant":
+        return make_entropy_schedule("constant", coef=t.entropy_coef)
+    if t.entropy_schedule == "exponential":
+        return make_entropy_schedule("exponential", init=t.entropy_coef, decay=t.entropy_decay)
+    return make_entropy_schedule("adaptive", target=t.entropy_target, init=t.entropy_coef, delta=t.entropy_delta,
+                                 c_max=t.entropy_coef_max)
 
 
 def _versions() -> dict:

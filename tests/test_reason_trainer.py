@@ -232,3 +232,94 @@ def test_cli_resume_eval_and_sample(tmp_path):
     assert 0.0 <= shown["results"]["sampled_reward"] <= 1.0
     sampled = reason("sample", str(tmp_path / "a"), "-p", "2+3=", "-n", "2", "--max-new-tokens", "4").output
     assert sampled.count("[2+3=]") == 2
+
+
+# ------------------------------------------------------------------------ seed methods in the trainer
+
+
+def test_dynamic_sampling_keeps_only_problems_with_reward_spread(tmp_path):
+    """Problems whose G rewards are all equal carry no signal: DAPO dynamic sampling drops them and draws new
+    problems (up to max_generation_rounds) until prompts_per_step problems are kept."""
+    flat = {"2+3=", "1+4=", "3+3=", "2+2="}
+
+    def half_flat(completions, prompts, metadata):
+        scores, _ = digits(completions, prompts, metadata)
+        return torch.where(torch.tensor([p in flat for p in prompts]), 0.5, scores + torch.rand(len(scores)) * 1e-3), {}
+
+    seen = []
+
+    def record(scores, group_ids):
+        seen.append(scores.clone())
+        return grpo_group(scores, group_ids)
+
+    from diffusion_rl.core.grpo import group_advantages as grpo_group
+
+    cfg = _tiny(tmp_path, "num_steps=1", "rollout.dynamic_sampling=true", "rollout.max_generation_rounds=4",
+                "rollout.prompts_per_step=2")
+    record_row = train(cfg, reward_fn=half_flat, advantage_fn=record).history[0]
+    assert len(seen[0]) == 2 * 4 and not torch.any(seen[0] == 0.5)  # 2 problems x G, none of the flat ones
+    assert record_row["loss/dynamic_sampling_reached_target"] == 1.0
+    assert record_row["loss/dynamic_sampling_groups_kept"] >= 2 and record_row["loss/dynamic_sampling_rounds"] >= 1
+
+
+def test_soft_overlong_penalty_shapes_the_rewards_the_advantages_see():
+    """max_new_tokens 6, buffer 4: completions of 2 tokens or fewer keep their reward, longer ones lose
+    (L - 2) / 4 of it, down to -1 at 6 tokens (DAPO Eq. 13), before the group standardisation."""
+    from types import SimpleNamespace
+
+    from reasoning_rl.rollout import Rollouts
+    from reasoning_rl.trainer import compute_advantages
+
+    cfg = load_config(TINY, ["rollout.max_new_tokens=6", "advantage.overlong_buffer=4", "rollout.num_generations=4"])
+    lengths = torch.tensor([1, 2, 4, 6])
+    mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    rollouts = Rollouts(prompt_ids=torch.zeros(4, 1).long(), prompt_mask=torch.ones(4, 1).long(),
+                        completion_ids=torch.zeros(4, 6).long(), completion_mask=mask, stopped=torch.ones(4).bool(),
+                        completions=[""] * 4, prompts=["p"] * 4, metadata=[{}] * 4)
+    seen = []
+    compute_advantages(SimpleNamespace(cfg=cfg), rollouts, torch.ones(4), lambda r, g: seen.append(r) or r)
+    torch.testing.assert_close(seen[0], torch.tensor([1.0, 1.0, 0.5, 0.0]))
+
+
+def test_pad_trains_on_a_priority_draw_of_the_completions(tmp_path):
+    cfg = _tiny(tmp_path, "num_steps=1", "advantage.pad=true", "advantage.pad_ratio=0.5", "advantage.pad_t_high=null",
+                "advantage.pad_t_low=0.0", "rollout.max_new_tokens=6", "eval.problems=[]")
+    row = train(cfg, reward_fn=digits).history[0]
+    assert row["loss/pad_num_samples"] == 16 and row["loss/pad_num_selected"] == 8  # round(0.5 x 16), with replacement
+    assert row["loss/grad_norm"] > 0
+
+
+def test_luffy_mixes_off_policy_traces_into_each_group(tmp_path):
+    traces = tmp_path / "luffy.jsonl"
+    traces.write_text("".join(json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b), "trace": f"{a}+{b}={a + b}"})
+                              + "\n" for a in range(1, 5) for b in range(1, 3)))
+    seen = []
+
+    def record(completions, prompts, metadata):
+        seen.append(list(completions))
+        return digits(completions, prompts, metadata)
+
+    cfg = _tiny(tmp_path, "num_steps=1", "prompts.source=jsonl", f"prompts.path={traces}",
+                "prompts.off_policy_column=trace", "train.off_policy_per_group=1", "eval.problems=[]",
+                "rollout.max_new_tokens=6")
+    row = train(cfg, reward_fn=record).history[0]
+    completions = seen[0]
+    # the first completion of every group of 4 is its problem's trace
+    assert all(completions[g * 4].count("+") == 1 and completions[g * 4].endswith(str(eval(completions[g * 4].split("=")[0])))
+               for g in range(4))
+    assert row["loss/off_policy_loss"] != 0.0 and "loss/on_policy_loss" in row
+    with pytest.raises(ConfigError, match="needs prompts.off_policy_column"):
+        load_config(TINY, ["train.off_policy_per_group=1"])
+    with pytest.raises(ConfigError, match="must leave on-policy samples"):
+        load_config(TINY, ["train.off_policy_per_group=4", "prompts.off_policy_column=trace"])
+
+
+def test_entropy_coefficient_schedule_is_applied_and_resumed(tmp_path):
+    sets = ["num_steps=3", "checkpoint.every=1", "train.entropy_coef=0.02", "train.entropy_schedule=exponential",
+            "train.entropy_decay=0.5", "eval.problems=[]"]
+    straight = train(_tiny(tmp_path / "a", *sets), reward_fn=digits)
+    assert [r["loss/entropy_coef"] for r in straight.history] == pytest.approx([0.02, 0.01, 0.005])
+    train(_tiny(tmp_path / "b", *sets[1:], "num_steps=2"), reward_fn=digits)
+    resumed = train(_tiny(tmp_path / "b", *sets), reward_fn=digits, resume="auto")
+    assert resumed.history[0]["loss/entropy_coef"] == pytest.approx(0.005)
+    assert resumed.history[0]["loss/entropy"] > 0
