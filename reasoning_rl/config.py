@@ -227,13 +227,27 @@ class EvalConfig(Section):
     """Evaluation sampling seed, independent of training."""
 
 
+class StageConfig(Section):
+    name: str
+    """Stage name (logged as reason/stage, recorded in checkpoints)."""
+    kind: Literal["sft", "grpo"] = "grpo"
+    """sft: supervised fine-tuning on the problems' reference solutions (completion-only NLL; needs
+    prompts.solution_column); grpo: the RL step."""
+    num_steps: int = Field(ge=1)
+    """Training steps of this stage."""
+    prompts: PromptsConfig | None = None
+    """The stage's problems (e.g. text-only for a cold start, with images for multimodal RL); default: the run's."""
+    learning_rate: float | None = Field(None, gt=0)
+    """The stage's learning rate (the lr schedule's peak); default: train.learning_rate."""
+
+
 class ReasonConfig(Section):
     """A full `drl reason train` run. Defaults train the tiny random LM in seconds."""
 
     seed: int = 42
     """Seed for prompts, sampling and shuffles (combined with the process index)."""
     num_steps: int = Field(4, ge=1)
-    """Training steps: each generates completions, scores them and runs the PPO passes."""
+    """Training steps: each generates completions, scores them and runs the PPO passes (with `stages`: their sum)."""
     output_dir: str = "runs/reason"
     """Run directory: TensorBoard logs, completions, checkpoints, final LoRA/model, resolved config."""
     model: ModelConfig = ModelConfig()
@@ -245,6 +259,20 @@ class ReasonConfig(Section):
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    stages: list[StageConfig] = []
+    """A staged curriculum run in order in one run (ReVisual-R1: text SFT cold start, multimodal RL, text RL); each
+    stage has its own kind, problems, steps and learning rate. Empty: one GRPO stage of num_steps steps. With
+    stages, num_steps is their sum."""
+
+    def curriculum(self) -> list[StageConfig]:
+        """The stages, with the run's own problems and learning rate filled in where a stage sets none."""
+        stages = self.stages or [StageConfig(name="grpo", kind="grpo", num_steps=self.num_steps)]
+        return [st.model_copy(update={"prompts": st.prompts or self.prompts,
+                                      "learning_rate": st.learning_rate or self.train.learning_rate})
+                for st in stages]
+
+    def total_steps(self) -> int:
+        return sum(st.num_steps for st in self.curriculum())
 
     def geometry(self, world_size: int) -> dict[str, int]:
         """Derived batch numbers, printed at start-up."""
@@ -304,6 +332,17 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
         problems.append("train.beta > 0 needs model.use_lora=true (the reference is the model with LoRA disabled)")
     if cfg.model.gguf_file and cfg.model.use_lora is False and cfg.model.dtype != "float32":
         problems.append("model.gguf_file loads dequantised fp32 weights; use model.dtype=float32 with a GGUF file")
+    for i, st in enumerate(cfg.stages):
+        sp = st.prompts or cfg.prompts
+        if st.kind == "sft" and not sp.solution_column:
+            problems.append(f"stages[{i}] ({st.name}) is an sft stage: its prompts need a solution_column (the "
+                            "reference solutions it is trained on)")
+    if cfg.stages and len({st.name for st in cfg.stages}) < len(cfg.stages):
+        problems.append(f"stages: names must be unique, got {[st.name for st in cfg.stages]}")
+    if cfg.stages and cfg.num_steps != ReasonConfig.model_fields["num_steps"].default and cfg.num_steps != sum(
+            st.num_steps for st in cfg.stages):
+        problems.append(f"num_steps ({cfg.num_steps}) differs from the stages' sum "
+                        f"({sum(st.num_steps for st in cfg.stages)}); drop num_steps or set it to that sum")
     problems += core_config.reward_problems(cfg.reward)
     return problems
 

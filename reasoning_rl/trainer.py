@@ -56,6 +56,7 @@ from diffusion_rl.core.run import (
     MetricAccumulator,
     OptimizerStepGuard,
     ProcessInfo,
+    ResumeError,
     TrainerCallback,
     derive_seed,
     restore_checkpoint,
@@ -66,7 +67,7 @@ from reasoning_rl.config import ReasonConfig, dump_config
 from reasoning_rl.data import format_prompt, load_problems, rows_to_problems
 from reasoning_rl.evaluation import evaluate
 from reasoning_rl.models import load_policy, prepare_trainable, save_trained, set_image_pixels
-from reasoning_rl.rollout import Rollouts, generate, token_log_probs
+from reasoning_rl.rollout import Rollouts, encode_prompts, generate, token_log_probs
 
 # Config sections a resumed run may change freely; any other difference is reported (model changes are errors).
 RESUME_FREE = ("num_steps", "output_dir", "logging", "checkpoint", "eval")
@@ -99,15 +100,25 @@ class Run(ProcessInfo):
     lr_scheduler: object
     guard: OptimizerStepGuard
     reward_fn: rewards.RewardFn
-    problems: PromptSet
-    sampler: PromptSampler
+    stages: list  # the curriculum (reasoning_rl.config.StageConfig, problems and lr filled in)
+    stage_problems: list[PromptSet]  # per stage
+    stage_samplers: list[PromptSampler]  # per stage
     entropy_schedule: object  # diffusion_rl.core.methods entropy-coefficient schedule (checkpointed)
     writer: Writer
     callbacks: Sequence[TrainerCallback]
     start_step: int = 0
 
     def stateful(self) -> dict:
-        return {"prompt_sampler": self.sampler, "entropy_schedule": self.entropy_schedule}
+        return {"curriculum": _Curriculum(self.stages, self.stage_samplers), "entropy_schedule": self.entropy_schedule}
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that global step `step` belongs to."""
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage.num_steps
+            if step < end:
+                return i
+        return len(self.stages) - 1
 
 
 def train(
@@ -126,25 +137,32 @@ def train(
         restore(run, resume)
         print_startup(run)
         result.eval_before = evaluate_before(run)
-        for step in range(run.start_step, cfg.num_steps):
+        total = cfg.total_steps()
+        for step in range(run.start_step, total):
             for cb in run.callbacks:
                 cb.on_epoch_start(step)
             t_step = time.perf_counter()
-            rollouts, scores, sampling_info = generate_step(run, step)
-            t_generated = time.perf_counter()
-            advantages = compute_advantages(run, rollouts, scores, advantage_fn)
-            trained, trained_advantages, pad_info = select_for_training(run, rollouts, advantages, step)
-            losses = {**train_step(run, trained, trained_advantages, step), **sampling_info, **pad_info}
+            stage = enter_stage(run, step)
+            if stage.kind == "sft":  # supervised on the reference solutions: no generation, no reward
+                rollouts, scores = solution_batch(run, step), None
+                t_generated = time.perf_counter()
+                advantages, losses = None, sft_step(run, rollouts, step)
+            else:
+                rollouts, scores, sampling_info = generate_step(run, step)
+                t_generated = time.perf_counter()
+                advantages = compute_advantages(run, rollouts, scores, advantage_fn)
+                trained, trained_advantages, pad_info = select_for_training(run, rollouts, advantages, step)
+                losses = {**train_step(run, trained, trained_advantages, step), **sampling_info, **pad_info}
             timings = {"generate_s": t_generated - t_step, "train_s": time.perf_counter() - t_generated,
                        "step_s": time.perf_counter() - t_step}
             record = step_record(run, step, rollouts, scores, advantages, losses, timings)
-            if cfg.eval.problems and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.num_steps:
+            if cfg.eval.problems and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < total:
                 record.update({f"eval/{k}": v for k, v in evaluate_model(run).items()})
             log_step(run, step, record, rollouts, scores)
             result.history.append(record)
             for cb in run.callbacks:
                 cb.on_epoch_end(step, record)
-            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == cfg.num_steps:
+            if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or step + 1 == total:
                 save_checkpoint(run, step + 1)
         finish(run, result)
     return result
@@ -172,18 +190,20 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     lr_scheduler = get_scheduler(
         "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
-        num_warmup_steps=t.lr_warmup_steps, num_training_steps=cfg.num_steps * t.num_iterations,
+        num_warmup_steps=t.lr_warmup_steps, num_training_steps=cfg.total_steps() * t.num_iterations,
     )
     guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, t.max_grad_norm,
                                t.max_consecutive_nonfinite)
     reward_fn = cfg.reward.build() if reward_fn is None else rewards.as_reward(reward_fn)
-    problems = load_problems(cfg.prompts)
+    stages = cfg.curriculum()
+    stage_problems = [load_problems(st.prompts) for st in stages]
     out = Path(cfg.output_dir)
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, model=model, raw_model=accelerator.unwrap_model(model),
         processor=processor, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, guard=guard,
-        reward_fn=reward_fn, problems=problems,
-        sampler=PromptSampler(problems, cfg.seed, accelerator.num_processes, accelerator.process_index),
+        reward_fn=reward_fn, stages=stages, stage_problems=stage_problems,
+        stage_samplers=[PromptSampler(p, cfg.seed + i, accelerator.num_processes, accelerator.process_index)
+                        for i, p in enumerate(stage_problems)],
         entropy_schedule=_entropy_schedule(cfg), writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
     )
 
@@ -217,7 +237,10 @@ def print_startup(run: Run) -> None:
     )
     adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else "full fine-tune"
     print(f"[drl] model {cfg.model.pretrained} | {adapter} | {trainable:,} of {total:,} params trainable | "
-          f"reward {run.reward_fn.name} | {len(run.problems.prompts)} problems")
+          f"reward {run.reward_fn.name} | {sum(len(p.prompts) for p in run.stage_problems)} problems")
+    if len(run.stages) > 1:
+        print("[drl] curriculum: " + " -> ".join(f"{st.name} ({st.kind}, {st.num_steps} steps, lr {st.learning_rate:g})"
+                                                 for st in run.stages))
 
 
 def evaluate_before(run: Run) -> dict | None:
@@ -240,7 +263,7 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
     sampling rounds of new problems until `prompts_per_step` problems with reward spread are kept."""
     r = run.cfg.rollout
     rounds = r.max_generation_rounds if r.dynamic_sampling else 1
-    batches = run.sampler.epoch_indices(step, rounds, r.prompts_per_step)
+    batches = run.stage_samplers[run.stage_at(step)].epoch_indices(step, rounds, r.prompts_per_step)
     if not r.dynamic_sampling:
         return (*_generate_round(run, step, 0, batches[0]), {})
     sampler = DynamicSampler(target_groups=r.prompts_per_step, max_rounds=rounds)
@@ -258,11 +281,7 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
 
 def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tuple[Rollouts, torch.Tensor]:
     cfg, r = run.cfg, run.cfg.rollout
-    problems = [run.problems.prompts[i] for i in ids]
-    metadata = [run.problems.metadata[i] for i in ids]
-    images = [m["image"] for m in metadata] if cfg.prompts.image_column else None
-    texts = [format_prompt(run.processor, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template, images is not None)
-             for p in problems]
+    problems, metadata, texts, images = _stage_inputs(run, step, ids)
     torch.manual_seed(derive_seed(cfg.seed, step, run.rank, round_index))  # generate samples from the global RNG
     run.model.eval()
     rollouts = generate(
@@ -277,6 +296,64 @@ def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tu
     scores = scores.float().cpu()
     _check_unscorable(run, scores, step)
     return rollouts, scores
+
+
+def _stage_inputs(run: Run, step: int, ids: list[int]):
+    """The problems `ids` of the current stage: texts, metadata, formatted prompts and images (or None)."""
+    i = run.stage_at(step)
+    pcfg, pset = run.stages[i].prompts, run.stage_problems[i]
+    problems = [pset.prompts[j] for j in ids]
+    metadata = [pset.metadata[j] for j in ids]
+    images = [m["image"] for m in metadata] if pcfg.image_column else None
+    texts = [format_prompt(run.processor, p, pcfg.system_prompt, pcfg.use_chat_template, images is not None)
+             for p in problems]
+    return problems, metadata, texts, images
+
+
+def enter_stage(run: Run, step: int):
+    """The stage of `step`, with its learning rate in place (the lr schedule's peak becomes the stage's)."""
+    stage = run.stages[run.stage_at(step)]
+    sched = run.lr_scheduler
+    sched.base_lrs = [stage.learning_rate for _ in run.optimizer.param_groups]
+    for group, factor in zip(run.optimizer.param_groups, sched.lr_lambdas, strict=True):
+        group["lr"] = stage.learning_rate * factor(sched.last_epoch)
+    return stage
+
+
+def solution_batch(run: Run, step: int) -> Rollouts:
+    """An SFT batch: `prompts_per_step` problems of the stage with their reference solutions as completions."""
+    (ids,) = run.stage_samplers[run.stage_at(step)].epoch_indices(step, 1, run.cfg.rollout.prompts_per_step)
+    problems, metadata, texts, images = _stage_inputs(run, step, ids)
+    device = run.accelerator.device
+    batch = encode_prompts(run.processor, texts, images, device)
+    tokenizer = getattr(run.processor, "tokenizer", run.processor)
+    batch.prompts, batch.metadata, batch.pad_id = problems, metadata, tokenizer.pad_token_id
+    batch.completion_ids = torch.empty(len(ids), 0, dtype=torch.long, device=device)
+    batch.completion_mask = torch.empty(len(ids), 0, dtype=torch.long, device=device)
+    batch.stopped = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    batch.completions = [""] * len(ids)
+    return batch.with_traces(torch.ones(len(ids), dtype=torch.bool), [str(m["solution"]) for m in metadata],
+                             run.processor)
+
+
+def sft_step(run: Run, batch: Rollouts, step: int) -> dict[str, float]:
+    """Completion-only NLL of the reference solutions (token mean over the batch), one guarded optimizer step."""
+    t, acc = run.cfg.train, run.accelerator
+    run.model.train()
+    micro_batches = list(torch.arange(len(batch)).split(t.micro_batch_size))
+    n_tokens = float(acc.reduce(batch.completion_mask.sum().float(), reduction="sum"))
+    total = torch.zeros((), device=acc.device)
+    for i, idx in enumerate(micro_batches):
+        with acc.no_sync(run.model) if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            with acc.autocast():
+                logp, _ = token_log_probs(run.model, batch.prompt_ids[idx], batch.prompt_mask[idx],
+                                          batch.completion_ids[idx], batch.completion_mask[idx], 1.0,
+                                          vision=batch.vision(idx))
+            loss = -logp.sum() / (max(n_tokens, 1.0) / run.world)  # DDP's mean over processes -> the global mean
+            acc.backward(loss)
+        total = total + loss.detach()
+    grad_norm = run.guard.step(total, where=f"(step {step}, sft)")
+    return {"sft_nll": float(total) , "grad_norm": grad_norm or 0.0, "updates": int(grad_norm is not None)}
 
 
 def _check_unscorable(run: Run, scores: torch.Tensor, step: int) -> None:
@@ -430,6 +507,13 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
                 losses: dict, timings: dict) -> dict:
     """The metrics of one step, gathered over processes, by TensorBoard group."""
     acc, device = run.accelerator, run.accelerator.device
+    stage = {"reason/stage_index": run.stage_at(step)}
+    if scores is None:  # an sft step
+        losses = dict(losses)
+        losses.pop("updates")
+        return {"step": step, "global_step": run.guard.global_step, **stage,
+                "loss/learning_rate": run.lr_scheduler.get_last_lr()[0], **{f"loss/{k}": v for k, v in losses.items()},
+                **{f"perf/{k}": v for k, v in timings.items()}}
     scores_all = acc.gather(scores.to(device)).cpu()  # [B * world]
     lengths = acc.gather(rollouts.lengths.float().to(device)).cpu()
     stopped = acc.gather(rollouts.stopped.float().to(device)).cpu()
@@ -440,6 +524,7 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
     return {
         "step": step,
         "global_step": run.guard.global_step,
+        **stage,
         "reward/mean": float(finite.mean()) if len(finite) else float("nan"),
         "reward/std": float(finite.std()) if len(finite) > 1 else 0.0,
         "reward/unscorable": int((~torch.isfinite(scores_all)).sum()),
@@ -460,6 +545,12 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
 def log_step(run: Run, step: int, record: dict, rollouts: Rollouts, scores: torch.Tensor) -> None:
     run.writer.epoch(record, step + 1)
     if not run.main:
+        return
+    if scores is None:  # an sft step
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[drl] step {step} ({run.stages[run.stage_at(step)].name}, sft): nll {record['loss/sft_nll']:.4f} | "
+              f"{record['perf/step_s']:.1f} s")
         return
     every, n = run.cfg.logging.completions_every, run.cfg.logging.num_completions
     if every and (step + 1) % every == 0:
@@ -501,7 +592,7 @@ def finish(run: Run, result: TrainResult) -> None:
     cfg = run.cfg
     if cfg.eval.problems:
         result.eval_after = evaluate_model(run)
-        run.writer.scalars("eval", result.eval_after, cfg.num_steps)
+        run.writer.scalars("eval", result.eval_after, cfg.total_steps())
         if run.main:
             print("[drl] eval after training: " + " | ".join(f"{k} {v:.4f}" for k, v in result.eval_after.items()))
     run.accelerator.wait_for_everyone()
@@ -511,6 +602,25 @@ def finish(run: Run, result: TrainResult) -> None:
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     result.model, result.processor = run.raw_model, run.processor
+
+
+class _Curriculum:
+    """The stages and their prompt samplers as one checkpointed component (a resume must see the same stages)."""
+
+    def __init__(self, stages: list, samplers: list[PromptSampler]):
+        self.stages, self.samplers = stages, samplers
+
+    def state_dict(self) -> dict:
+        return {"stages": [[st.name, st.kind] for st in self.stages],
+                "prompt_samplers": [s.state_dict() for s in self.samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = [[st.name, st.kind] for st in self.stages]  # step counts may grow (a longer run continues)
+        if state["stages"] != mine:
+            raise ResumeError(f"the checkpoint's curriculum {state['stages']} differs from this config's {mine}; "
+                              "resume with the checkpoint's stages")
+        for sampler, saved in zip(self.samplers, state["prompt_samplers"], strict=True):
+            sampler.load_state_dict(saved)
 
 
 def _entropy_schedule(cfg: ReasonConfig):

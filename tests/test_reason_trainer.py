@@ -323,3 +323,43 @@ def test_entropy_coefficient_schedule_is_applied_and_resumed(tmp_path):
     resumed = train(_tiny(tmp_path / "b", *sets), reward_fn=digits, resume="auto")
     assert resumed.history[0]["loss/entropy_coef"] == pytest.approx(0.005)
     assert resumed.history[0]["loss/entropy"] > 0
+
+
+def test_staged_curriculum_sft_then_grpo_resumes_across_the_boundary(tmp_path):
+    """ReVisual-R1's shape: an SFT cold start on reference solutions, then GRPO, in one run. The SFT stage lowers
+    the solutions' NLL; a run that dies in the first GRPO step and resumes from the stage-boundary checkpoint ends
+    with the same adapter as an uninterrupted run."""
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b), "worked": f"{a}+{b}={a + b}"})
+                            + "\n" for a in range(1, 3) for b in range(1, 3)))
+    stages = (f"stages=[{{name: cold_start, kind: sft, num_steps: 3, learning_rate: 0.01, prompts: {{source: jsonl, "
+              f"path: '{data}', solution_column: worked}}}}, {{name: rl, kind: grpo, num_steps: 2}}]")
+    sets = [stages, "num_steps=5", "checkpoint.every=1", "rollout.prompts_per_step=4", "eval.problems=[]",
+            "rollout.max_new_tokens=6"]
+    cfg = _tiny(tmp_path / "a", *sets)
+    assert [(s.name, s.kind, s.num_steps) for s in cfg.curriculum()] == [("cold_start", "sft", 3), ("rl", "grpo", 2)]
+    assert cfg.total_steps() == 5
+    straight = train(cfg, reward_fn=digits)
+    nll = [r["loss/sft_nll"] for r in straight.history[:3]]
+    assert nll[2] < nll[0]  # the same 4 solutions each step (prompts_per_step = all of them)
+    assert [r["reason/stage_index"] for r in straight.history] == [0, 0, 0, 1, 1]
+    assert "reward/mean" in straight.history[3] and straight.history[3]["loss/learning_rate"] == pytest.approx(1e-3)
+
+    calls = []
+
+    def dies_in_rl(completions, prompts, metadata):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated crash in the first GRPO step")
+        return digits(completions, prompts, metadata)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_tiny(tmp_path / "b", *sets), reward_fn=dies_in_rl)
+    resumed = train(_tiny(tmp_path / "b", *sets), reward_fn=digits, resume="auto")
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    a = load_file(tmp_path / "a" / "lora" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "lora" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="sft stage: its prompts need a solution_column"):
+        load_config(TINY, ["stages=[{name: s, kind: sft, num_steps: 1}]"])
