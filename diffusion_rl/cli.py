@@ -14,7 +14,16 @@ from typing import Annotated
 
 import typer
 
-from diffusion_rl.core.cli import DocOpt, SetOpt, core_user_errors, fail, show_config, user_errors
+from diffusion_rl.core.cli import (
+    DocOpt,
+    OutputDirOpt,
+    ResumeOpt,
+    SetOpt,
+    core_user_errors,
+    fail,
+    show_config,
+    user_errors,
+)
 
 app = typer.Typer(
     help="drl: reinforcement-learning fine-tuning of text-to-image diffusion models (DDPO/GRPO, dense credit).",
@@ -75,10 +84,8 @@ def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | N
 def train(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Run directory (overrides output_dir).")] = None,
-    resume: Annotated[
-        str | None, typer.Option(help="'auto' = newest complete checkpoint of the run, or a checkpoint directory.")
-    ] = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = None,
 ) -> None:
     """Fine-tune a diffusion model with RL. With no arguments runs the embedded CPU default in minutes."""
     with user_errors(_user_errors()):

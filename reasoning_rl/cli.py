@@ -9,7 +9,15 @@ from typing import Annotated
 
 import typer
 
-from diffusion_rl.core.cli import DocOpt, SetOpt, core_user_errors, show_config, user_errors
+from diffusion_rl.core.cli import (
+    DocOpt,
+    OutputDirOpt,
+    ResumeOpt,
+    SetOpt,
+    core_user_errors,
+    show_config,
+    user_errors,
+)
 
 app = typer.Typer(help="GRPO for language models on the shared core (train, eval, sample, config show).",
                   no_args_is_help=True)
@@ -46,10 +54,8 @@ def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | N
 def train(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Run directory (overrides output_dir).")] = None,
-    resume: Annotated[
-        str | None, typer.Option(help="'auto' = newest complete checkpoint of the run, or a checkpoint directory.")
-    ] = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = None,
 ) -> None:
     """Fine-tune a language model with GRPO."""
     with user_errors(_user_errors()):

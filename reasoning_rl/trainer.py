@@ -204,7 +204,8 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
         reward_fn=reward_fn, stages=stages, stage_problems=stage_problems,
         stage_samplers=[PromptSampler(p, cfg.seed + i, accelerator.num_processes, accelerator.process_index)
                         for i, p in enumerate(stage_problems)],
-        entropy_schedule=_entropy_schedule(cfg), writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process), callbacks=list(callbacks),
+        entropy_schedule=_entropy_schedule(cfg), writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process),
+        callbacks=list(callbacks),
     )
 
 

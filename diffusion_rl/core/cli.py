@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
 USER_ERROR_EXIT_CODE = 2
 
+OutputDirOpt = Annotated[Path | None, typer.Option(help="Run directory (overrides output_dir).")]
+ResumeOpt = Annotated[
+    str | None, typer.Option(help="'auto' = newest complete checkpoint of the run, or a checkpoint directory.")
+]
 DocOpt = Annotated[bool, typer.Option(help="List every field with its documentation instead.")]
 SetOpt = Annotated[
     list[str] | None,
