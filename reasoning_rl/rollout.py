@@ -209,15 +209,18 @@ def token_log_probs(
         suppressed = placeholder_token_ids(model)
     else:
         inputs = dict(position_ids=position_ids(attention))
-    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, **inputs).logits
     C = completion_ids.shape[1]
-    logits = logits[:, -C - 1 : -1].float() / temperature  # [B, C, V] the positions that predict o_1..o_C
+    # only the C positions that predict o_1..o_C (and the last, dropped) reach the LM head
+    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=C + 1,
+                   **inputs).logits
+    logits = logits[:, :-1].float() / temperature  # [B, C, V]
     if suppressed:  # the sampler never draws them: the same distribution, renormalised without them
         logits[..., suppressed] = float("-inf")
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, completion_ids[..., None]).squeeze(-1)  # [B, C]
+    log_norm = torch.logsumexp(logits, dim=-1)  # [B, C]
+    logp = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - log_norm  # [B, C]
     logp = torch.where(completion_mask.bool(), logp, torch.zeros((), device=logp.device))
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, C]
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * torch.nan_to_num(logits, neginf=0.0)).sum(-1)  # H = logZ - E[logit]  [B, C]
     return logp, entropy
