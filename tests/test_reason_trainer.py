@@ -363,3 +363,33 @@ def test_staged_curriculum_sft_then_grpo_resumes_across_the_boundary(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     with pytest.raises(ConfigError, match="sft stage: its prompts need a solution_column"):
         load_config(TINY, ["stages=[{name: s, kind: sft, num_steps: 1}]"])
+
+
+@pytest.mark.slow
+def test_dapo_over_two_ranks_equals_one_rank_on_the_same_completions(tmp_path):
+    """dapo normalises by every completion token of the step on every process: 2 ranks x 4 completions give the
+    same (all-reduced) gradient as 1 rank x 8; bnpo, a per-process token mean, does not when lengths differ."""
+    import socket
+
+    worker = str(Path(__file__).parent / "_reason_dapo_worker.py")
+    norms = {}
+    for aggregation in ("dapo", "bnpo"):
+        one = tmp_path / f"{aggregation}_1"
+        one.mkdir()
+        proc = subprocess.run([sys.executable, worker, str(one), aggregation], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two = tmp_path / f"{aggregation}_2"
+        two.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+             "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), worker,
+             str(two), aggregation], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        ranks = [json.loads((two / f"grad_norm_{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0]["world"] == 2 and ranks[0]["grad_norm"] == pytest.approx(ranks[1]["grad_norm"], rel=1e-6)
+        norms[aggregation] = (json.loads((one / "grad_norm_0.json").read_text())["grad_norm"], ranks[0]["grad_norm"])
+    assert norms["dapo"][1] == pytest.approx(norms["dapo"][0], rel=1e-5)
+    assert norms["bnpo"][1] != pytest.approx(norms["bnpo"][0], rel=1e-3)
