@@ -468,7 +468,7 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
             total = total + scaled.detach()
             metrics.add(step_metrics)
             if entropy is not None:
-                entropies.append((entropy * loss_mask[idx]).sum() / loss_mask[idx].sum().clamp(min=1))
+                entropies.append(((entropy * loss_mask[idx]).sum() / loss_mask[idx].sum().clamp(min=1)).detach())
         if not micro_batches:  # nothing to train on here (e.g. PAD kept no completion): join the all-reduce
             acc.backward(sum(p.sum() for p in run.params) * 0.0)
         grad_norm = run.guard.step(total, where=f"(step {step})")
