@@ -20,7 +20,8 @@ def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "diffusion_rl.cli", "train", "--output-dir", str(tmp_path),
          "--set", "num_epochs=2", "--set", "sample.num_batches_per_epoch=1", "--set", "sample.batch_size=8",
-         "--set", "train.batch_size=8", "--set", "eval.every=0", "--set", "eval.images_per_prompt=1"],
+         "--set", "train.batch_size=8", "--set", "eval.every=0", "--set", "eval.images_per_prompt=1",
+         "--set", "train.lr_warmup_steps=1"],  # 2 epochs x 1 update here: a warm-up of 4 would be a config error
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
