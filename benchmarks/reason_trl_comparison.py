@@ -62,6 +62,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from trl_comparison import Gate  # noqa: E402  (the same lock-step pipe protocol as the diffusion benchmark)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TRL_VERSION = "1.16.0"
@@ -193,28 +196,6 @@ def make_model(workload: str, model_dir: Path, cache: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 # workers (each runs in its own process)
 # ------------------------------------------------------------------------------------------------
-
-
-class Gate:
-    """Lock-step with the driver: before each step the worker says `ready` and waits for `go`; after it, `done`.
-    After its last step it waits once more (`ready` / `go`) so that its tear-down never overlaps the other side's
-    steps. Without control pipes (a standalone worker) it is a no-op."""
-
-    def __init__(self, rfd: int | None, wfd: int | None):
-        self.r = os.fdopen(rfd, "r") if rfd is not None else None
-        self.w = os.fdopen(wfd, "w") if wfd is not None else None
-
-    def wait(self) -> None:
-        if self.w:
-            self.w.write("ready\n")
-            self.w.flush()
-            if self.r.readline().strip() != "go":
-                sys.exit("driver went away")
-
-    def done(self) -> None:
-        if self.w:
-            self.w.write("done\n")
-            self.w.flush()
 
 
 class StepClock:

@@ -63,6 +63,20 @@ def char_tokenizer(extra_chars: str = "") -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _seeded_init(model_class, config, seed: int, tokenizer):
+    """`model_class(config)` with weights drawn from `seed`, leaving the global RNG as it was; generation pads and
+    stops with the tokenizer's ids."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = model_class(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
 def build_tiny_causal_lm(seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
     """A randomly initialised 2-layer Qwen2 (~60k parameters) with the character tokenizer; deterministic in
     `seed` and leaves the global RNG as it found it."""
@@ -72,15 +86,7 @@ def build_tiny_causal_lm(seed: int = 0, tokenizer: PreTrainedTokenizerFast | Non
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = Qwen2ForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer
+    return _seeded_init(Qwen2ForCausalLM, config, seed, tokenizer), tokenizer
 
 
 def build_tiny_vlm(seed: int = 0):
@@ -111,15 +117,7 @@ def build_tiny_vlm(seed: int = 0):
         image_token_id=ids["<|image_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = Qwen2VLForConditionalGeneration(config)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, processor
+    return _seeded_init(Qwen2VLForConditionalGeneration, config, seed, tokenizer), processor
 
 
 def is_vision_language(model) -> bool:
