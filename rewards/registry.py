@@ -66,6 +66,14 @@ REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "exact_match": _Lazy("rewards.text", "make_exact_match_reward"),
     "think_answer_format": _Lazy("rewards.text", "make_think_answer_format_reward"),
     "trl_function": _Lazy("rewards.trl_adapter", "make_trl_function_reward"),
+    "satori": _Lazy("rewards.satori", "make_satori_reward"),
+    "mathif_soft": _Lazy("rewards.mathif", "make_mathif_soft_reward"),
+    "mathif_hard": _Lazy("rewards.mathif", "make_mathif_hard_reward"),
+    "kimi_length": _Lazy("rewards.length", "make_kimi_length_reward"),
+    "l1_exact": _Lazy("rewards.length", "make_l1_exact_reward"),
+    "l1_max": _Lazy("rewards.length", "make_l1_max_reward"),
+    "dapo_overlong": _Lazy("rewards.length", "make_dapo_overlong_reward"),
+    "cosine_length": _Lazy("rewards.length", "make_cosine_length_reward"),
 }
 
 INFO: dict[str, RewardInfo] = {
@@ -133,6 +141,41 @@ INFO: dict[str, RewardInfo] = {
     ),
     "trl_function": RewardInfo(
         "-", "that of the function", "-", False, "text: a TRL GRPOTrainer-style reward function, by import path"
+    ),
+    "satori": RewardInfo(
+        "-", "[0, 4] with unit weights (NaN: missing caption/boxes/answers/image size)",
+        "no weights (nltk: Apache-2.0, rouge-score: Apache-2.0)", False,
+        "text (VQA): SATORI-R1 format + (BLEU-4 + ROUGE-L)/2 caption + union-IoU boxes + answer in list, weighted",
+    ),
+    "mathif_soft": RewardInfo(
+        "-", "[0, 1] (+ correctness when combined; NaN: no/invalid constraints)",
+        "no weights (if-verifiable/IFEval checkers: Apache-2.0)", False,
+        "text: MathIF soft accuracy, fraction of IFEval constraints satisfied after the reasoning",
+    ),
+    "mathif_hard": RewardInfo(
+        "-", "{0, 1} (+ correctness when combined; NaN: no/invalid constraints)",
+        "no weights (if-verifiable/IFEval checkers: Apache-2.0)", False,
+        "text: MathIF hard accuracy, 1 if all IFEval constraints are satisfied after the reasoning",
+    ),
+    "kimi_length": RewardInfo(
+        "-", "c + [-0.5, 0.5] (NaN: no ground truth)", "no weights", False,
+        "text: Kimi k1.5 group min-max length reward, correctness-gated, + correctness (tokenizer= the policy's)",
+    ),
+    "l1_exact": RewardInfo(
+        "-", "(-inf, 1] (NaN: no target length / ground truth)", "no weights", False,
+        "text: L1-Exact c - 0.0003*|n_gold - L|, n_gold from metadata or 'Think for N tokens.' (tokenizer=)",
+    ),
+    "l1_max": RewardInfo(
+        "-", "[0, 1] (NaN: no target length / ground truth)", "no weights", False,
+        "text: L1-Max c*clip(0.0003*(n_gold - L) + 0.5, 0, 1) in policy tokens (tokenizer=)",
+    ),
+    "dapo_overlong": RewardInfo(
+        "-", "[-factor, 0] (+ correctness when given)", "no weights", False,
+        "text: DAPO soft overlong punishment on token lengths, L_max 20480, L_cache 4096 (tokenizer=)",
+    ),
+    "cosine_length": RewardInfo(
+        "-", "correct [0.5, 1], wrong [-1, -0.5] (NaN: no ground truth)",
+        "no weights", False, "text: cosine-scaled length reward (Demystifying long CoT; TRL) in policy tokens (tokenizer=)",
     ),
 }
 
