@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from diffusion_rl.core import config as core_config
 from diffusion_rl.core.config import (  # noqa: F401  (re-exported)
@@ -48,10 +48,21 @@ class ModelConfig(Section):
     """Module names that receive LoRA adapters (the attention and MLP projections of Llama/Qwen-style models)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    fused_logprob: Literal["auto", "off", "torch", "triton"] = "auto"
+    """Per-token log-probs from the last hidden states without the [tokens x vocab] logits (reasoning_rl.kernels):
+    `auto` = Triton kernels on CUDA, chunked PyTorch elsewhere; `torch` / `triton` force a backend (triton off CUDA
+    needs TRITON_INTERPRET=1); `off` runs the LM head on every completion position. Same numbers to fp32
+    rounding; needs a plain linear LM head (no LoRA on `lm_head`)."""
     freeze_vision_tower: bool = True
     """Vision-language models: keep the image encoder frozen under full fine-tuning (LoRA never touches it)."""
     seed: int = 0
     """Seed of the weights of `builtin:tiny-random-lm` (ignored for other models)."""
+
+    @field_validator("fused_logprob", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` as false (and `on` as true): take them as the words the user wrote
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
 
 class RolloutConfig(Section):
@@ -330,6 +341,9 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
         )
     if t.beta > 0 and not cfg.model.use_lora:
         problems.append("train.beta > 0 needs model.use_lora=true (the reference is the model with LoRA disabled)")
+    if cfg.model.fused_logprob != "off" and cfg.model.use_lora and "lm_head" in cfg.model.lora_target_modules:
+        problems.append("model.fused_logprob needs a plain LM head but model.lora_target_modules has 'lm_head'; "
+                        "remove it or set model.fused_logprob=off")
     if cfg.model.gguf_file and cfg.model.use_lora is False and cfg.model.dtype != "float32":
         problems.append("model.gguf_file loads dequantised fp32 weights; use model.dtype=float32 with a GGUF file")
     for i, st in enumerate(cfg.stages):

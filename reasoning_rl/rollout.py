@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 
 
 @dataclass
@@ -196,20 +197,28 @@ def generate(
 def token_log_probs(
     model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
     completion_mask: torch.Tensor, temperature: float, with_entropy: bool = False, vision: dict | None = None,
+    fused: str = "off",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(o_t | q, o_<t) of every completion token [B, C] in fp32 (0 at masked positions), from one forward
-    over [prompt; completion]; optionally the entropy of each position's distribution [B, C]. With `vision`
-    (`Rollouts.vision`), the model computes its own multimodal positions from the token types, as in generate."""
+    over [prompt; completion]; optionally the entropy of each position's distribution [B, C] (0 where masked). With `vision`
+    (`Rollouts.vision`), the model computes its own multimodal positions from the token types, as in generate.
+
+    `fused` (`model.fused_logprob`): "off" runs the LM head on the C positions and takes the log-softmax of the
+    [B, C, V] logits; "auto" / "torch" / "triton" take the backbone's last hidden states instead and compute the
+    same numbers with `reasoning_rl.kernels.fused_token_logprobs`, never holding more than one tile of logits."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P + C]
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     suppressed = []
     if vision is not None:
         types = torch.cat([vision["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)  # text after P
         inputs = dict(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"], mm_token_type_ids=types)
-        suppressed = placeholder_token_ids(model)
+        suppressed = placeholder_token_ids(extract_model_from_parallel(model))
     else:
         inputs = dict(position_ids=position_ids(attention))
     C = completion_ids.shape[1]
+    if fused != "off":
+        return _fused_token_log_probs(model, input_ids, attention, inputs, completion_ids, completion_mask,
+                                      temperature, with_entropy, suppressed, fused)
     # only the C positions that predict o_1..o_C (and the last, dropped) reach the LM head
     logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=C + 1,
                    **inputs).logits
@@ -223,4 +232,72 @@ def token_log_probs(
     if with_entropy:
         probs = torch.softmax(logits, dim=-1)
         entropy = log_norm - (probs * torch.nan_to_num(logits, neginf=0.0)).sum(-1)  # H = logZ - E[logit]  [B, C]
+        entropy = torch.where(completion_mask.bool(), entropy, torch.zeros((), device=logp.device))
     return logp, entropy
+
+
+def _fused_token_log_probs(model, input_ids, attention, inputs, completion_ids, completion_mask, temperature,
+                           with_entropy, suppressed, backend):
+    """The fused path of `token_log_probs`: one forward through the (possibly DDP-wrapped) model that keeps a
+    single position's logits, its last hidden states [B, C, H] at the positions predicting the completion, and
+    the fused log-prob op on the LM head's weight. Suppressed (placeholder) ids leave the head instead of being
+    masked to -inf: the same renormalised distribution."""
+    from reasoning_rl.kernels import fused_token_logprobs
+
+    head = lm_head_for_fused(extract_model_from_parallel(model))
+    out = model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=1,
+                output_hidden_states=True, **inputs)
+    last_hidden = out.hidden_states[-1]  # [B, P + C, H]
+    _check_hidden_feeds_head(model, head, last_hidden[:, -1], out.logits[:, -1])
+    C = completion_ids.shape[1]
+    hidden = last_hidden[:, -C - 1:-1]  # [B, C, H]: position t predicts o_t
+    weight, bias, targets = head.weight, head.bias, completion_ids
+    if suppressed:
+        keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+        keep[suppressed] = False
+        new_id = keep.long().cumsum(0) - 1  # old id -> row of the kept head
+        weight, bias = weight[keep], (bias[keep] if bias is not None else None)
+        targets = new_id[completion_ids]
+    mask = completion_mask.bool()
+    return fused_token_logprobs(hidden, weight, targets, bias, temperature=temperature, mask=mask,
+                                with_entropy=with_entropy, backend=backend)
+
+
+def lm_head_for_fused(model) -> torch.nn.Linear:
+    """The LM head as a plain linear layer, or a clear error: LoRA on the head (or a wrapped head) is refused."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None or type(head) is not torch.nn.Linear:
+        raise ValueError(
+            f"model.fused_logprob needs the LM head to be a plain torch.nn.Linear, got {type(head).__name__} "
+            f"(a LoRA adapter or a modules_to_save wrapper on the head: remove 'lm_head' from "
+            f"model.lora_target_modules, or set model.fused_logprob=off)")
+    return head
+
+
+def _check_hidden_feeds_head(model, head, last_hidden, last_logits) -> None:
+    """Once per model: the last hidden state through the head must give the model's own logits (an architecture
+    that post-processes logits, e.g. a softcap or a logit scale, cannot use the fused path)."""
+    unwrapped = extract_model_from_parallel(model)
+    if getattr(unwrapped, "_drl_fused_head_checked", False):
+        return
+    config = getattr(unwrapped, "config", None)
+    configs = [config, getattr(config, "text_config", None)]
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):  # Gemma 2/3, Cohere, Granite
+        value = next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+        if value is not None and value != 1.0:
+            raise ValueError(
+                f"model.fused_logprob: {type(unwrapped).__name__} post-processes its logits ({name}={value}), so "
+                f"they are not lm_head(last hidden state); set model.fused_logprob=off")
+    with torch.no_grad():
+        mine = torch.nn.functional.linear(last_hidden.float(), head.weight.float(),
+                                          None if head.bias is None else head.bias.float())
+        theirs = last_logits.float()
+        err = float((mine - theirs).abs().max())
+        scale = float(theirs.abs().max()) + 1.0
+    if not err <= 1e-2 * scale:
+        raise ValueError(
+            f"model.fused_logprob: this model's logits are not lm_head(last hidden state) (max difference {err:.3g}; "
+            f"{type(unwrapped).__name__} post-processes its logits, e.g. a softcap or a logit scale); set "
+            f"model.fused_logprob=off")
+    unwrapped._drl_fused_head_checked = True

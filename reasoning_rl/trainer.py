@@ -351,7 +351,7 @@ def sft_step(run: Run, batch: Rollouts, step: int) -> dict[str, float]:
             with acc.autocast():
                 logp, _ = token_log_probs(run.model, batch.prompt_ids[idx], batch.prompt_mask[idx],
                                           batch.completion_ids[idx], batch.completion_mask[idx], 1.0,
-                                          vision=batch.vision(idx))
+                                          vision=batch.vision(idx), fused=run.cfg.model.fused_logprob)
             loss = -logp.sum() / (max(n_tokens, 1.0) / run.world)  # DDP's mean over processes -> the global mean
             acc.backward(loss)
         total = total + loss.detach()
@@ -445,6 +445,7 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
                         run.model, rollouts.prompt_ids[idx], rollouts.prompt_mask[idx], rollouts.completion_ids[idx],
                         rollouts.completion_mask[idx], cfg.rollout.temperature,
                         with_entropy=entropy_coef > 0 or t.entropy_schedule == "adaptive", vision=rollouts.vision(idx),
+                        fused=cfg.model.fused_logprob,
                     )
                 common = dict(
                     ratio_level=t.ratio_level, clip_low=t.clip_range, clip_high=t.clip_range_high,
@@ -490,7 +491,8 @@ def _log_probs_no_grad(run: Run, rollouts: Rollouts, model) -> torch.Tensor:
         with run.accelerator.autocast():
             logp, _ = token_log_probs(model, rollouts.prompt_ids[rows], rollouts.prompt_mask[rows],
                                       rollouts.completion_ids[rows], rollouts.completion_mask[rows],
-                                      run.cfg.rollout.temperature, vision=rollouts.vision(rows))
+                                      run.cfg.rollout.temperature, vision=rollouts.vision(rows),
+                                      fused=run.cfg.model.fused_logprob)
         parts.append(logp)
     return torch.cat(parts)
 
