@@ -56,7 +56,7 @@ def ensure_punkt_tab() -> str:
             return _SOURCE
         import nltk
 
-        if nltk.tokenize.punkt_model_available("english"):
+        if _model_found(nltk):
             _SOURCE = "nltk_data"
             return _SOURCE
         try:
@@ -75,7 +75,7 @@ def ensure_punkt_tab() -> str:
         atexit.register(shutil.rmtree, root, ignore_errors=True)
         _write_punkt_tab(os.path.join(root, "tokenizers", "punkt_tab", "english"), abbrev, colloc, starters, ortho)
         nltk.data.path.append(root)
-        if not nltk.tokenize.punkt_model_available("english"):
+        if not _model_found(nltk):
             raise RuntimeError(f"NLTK does not load the punkt_tab model written to {root}")
         if source == "builtin-minimal":
             warnings.warn(
@@ -88,6 +88,14 @@ def ensure_punkt_tab() -> str:
             )
         _SOURCE = source
         return _SOURCE
+
+
+def _model_found(nltk) -> bool:
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    except LookupError:
+        return False
+    return True
 
 
 def _write_punkt_tab(lang_dir: str, abbrev: set, colloc: set, starters: set, ortho: dict) -> None:
