@@ -27,7 +27,8 @@ class ModelConfig(Section):
     pretrained: str = "builtin:tiny-random-lm"
     """Causal LM or image-text model: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`, `Qwen/Qwen2-VL-2B-Instruct`), a
     local directory with `config.json`, `builtin:tiny-random-lm` (a tiny random Qwen2 with a character tokenizer)
-    or `builtin:tiny-random-vlm` (a tiny random Qwen2-VL with its processor), both built offline."""
+    or `builtin:tiny-random-vlm` (a tiny random Qwen2-VL with its processor), both built offline, or
+    `builtin:tiny-arith-lm` (a shipped Qwen2 trained on the arithmetic world, `reasoning_rl.world.pretrain`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
     local_files_only: bool = False
@@ -90,8 +91,10 @@ class RolloutConfig(Section):
 
 
 class PromptsConfig(Section):
-    source: Literal["list", "jsonl", "dataset"] = "list"
-    """Where problems come from: the `problems` list, a JSONL file (`path`), or a `datasets` dataset."""
+    source: Literal["list", "jsonl", "dataset", "world", "reasoning_gym"] = "list"
+    """Where problems come from: the `problems` list, a JSONL file (`path`), a `datasets` dataset, an embedded world
+    (`world`: generated problems with `prompt`, `answer` and `solution` columns; set problem_column: prompt), or
+    reasoning-gym tasks (`tasks`; score them with reward `reasoning_gym`)."""
     problems: list[dict] = [{"problem": "What is 2 + 3?", "answer": "5"}, {"problem": "What is 4 + 1?", "answer": "5"}]
     """Problems used when source = list: mappings with at least the problem column."""
     path: str | None = None
@@ -99,7 +102,25 @@ class PromptsConfig(Section):
     dataset: str | None = None
     """`datasets` hub id or local path (a saved dataset or a data file) when source = dataset."""
     split: str = "train"
-    """Dataset split."""
+    """Dataset split (source = world or reasoning_gym: `train` or `eval`, which never overlap)."""
+    world: Literal["arithmetic", "shapes_vqa"] = "arithmetic"
+    """source = world: `arithmetic` (multi-step word problems, `reasoning_rl.world.text`) or `shapes_vqa` (shapes-world
+    images with count / colour / shape / position questions, `reasoning_rl.world.visual`; set image_column: image)."""
+    size: int = Field(1000, ge=1)
+    """source = world or reasoning_gym: how many problems to generate."""
+    generator_seed: int = 0
+    """source = world or reasoning_gym: seed of the generated problems (the split does not depend on it)."""
+    steps: list[int] = [1, 2, 3, 4]
+    """world arithmetic: step counts of the problems (the difficulty knob), drawn uniformly."""
+    question_types: list[Literal["count", "colour", "shape", "position"]] = ["count", "colour", "shape", "position"]
+    """world shapes_vqa: question types, in turn."""
+    image_scale: int = Field(1, ge=1)
+    """world shapes_vqa: integer enlargement of the 32x32 scenes (boxes are given in the enlarged pixels)."""
+    tasks: list[str] = []
+    """source = reasoning_gym: task names (e.g. chain_sum, basic_arithmetic, countdown); problems are shared out over
+    them in turn."""
+    task_options: dict[str, dict] = {}
+    """source = reasoning_gym: per-task generator options, e.g. {chain_sum: {min_terms: 2, max_terms: 3}}."""
     problem_column: str = "problem"
     """Column holding the problem text."""
     answer_column: str | None = "answer"
@@ -318,6 +339,10 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
         problems.append("prompts.source=jsonl needs prompts.path (a .jsonl file)")
     if p.source == "dataset" and not p.dataset:
         problems.append("prompts.source=dataset needs prompts.dataset (a hub id or local path)")
+    problems += world_source_problems(p, "prompts")
+    for i, st in enumerate(cfg.stages):
+        if st.prompts is not None:
+            problems += world_source_problems(st.prompts, f"stages[{i}].prompts")
     if r.num_generations < 2:
         problems.append(
             f"rollout.num_generations ({r.num_generations}) < 2: a group of one has no spread, so every advantage "
@@ -358,6 +383,22 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
         problems.append(f"num_steps ({cfg.num_steps}) differs from the stages' sum "
                         f"({sum(st.num_steps for st in cfg.stages)}); drop num_steps or set it to that sum")
     problems += core_config.reward_problems(cfg.reward)
+    return problems
+
+
+def world_source_problems(p: PromptsConfig, where: str) -> list[str]:
+    """Rules of the generated sources (world, reasoning_gym)."""
+    problems = []
+    if p.source in ("world", "reasoning_gym") and p.split not in ("train", "eval"):
+        problems.append(f"{where}.split must be train or eval with {where}.source={p.source}, got {p.split!r}")
+    if p.source == "world" and p.world == "arithmetic" and (not p.steps or min(p.steps) < 1):
+        problems.append(f"{where}.steps must list step counts >= 1 (e.g. [1, 2, 3, 4]), got {p.steps}")
+    if p.source == "world" and p.world == "shapes_vqa" and not p.question_types:
+        problems.append(f"{where}.question_types is empty; use some of count, colour, shape, position")
+    if p.source == "reasoning_gym" and not p.tasks:
+        problems.append(f"{where}.source=reasoning_gym needs {where}.tasks (reasoning-gym task names, e.g. [chain_sum])")
+    if p.source == "reasoning_gym" and set(p.task_options) - set(p.tasks):
+        problems.append(f"{where}.task_options names tasks not in {where}.tasks: {sorted(set(p.task_options) - set(p.tasks))}")
     return problems
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import reasoning_rl.world  # noqa: F401  (registers the reasoning_gym reward)
 from diffusion_rl.core.prompts import PromptError, PromptSet
 from reasoning_rl.config import PromptsConfig
 
@@ -17,6 +18,8 @@ def load_problems(cfg: PromptsConfig) -> PromptSet:
         rows, where = list(cfg.problems), "prompts.problems"
     elif cfg.source == "jsonl":
         rows, where = _read_jsonl(Path(cfg.path)), cfg.path
+    elif cfg.source in ("world", "reasoning_gym"):
+        rows, where = generated_rows(cfg), generated_source_name(cfg)
     else:
         rows, where = _read_dataset(cfg.dataset, cfg.split), f"dataset {cfg.dataset!r} split {cfg.split!r}"
     base = Path(cfg.path).parent if cfg.source == "jsonl" else Path(".")
@@ -49,6 +52,31 @@ def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str, image_dir
         prompts.append(str(row[cfg.problem_column]))
         metadata.append(meta)
     return PromptSet(prompts, metadata)
+
+
+def generated_source_name(cfg: PromptsConfig) -> str:
+    if cfg.source == "world":
+        return f"world {cfg.world!r} split {cfg.split!r}"
+    return f"reasoning-gym tasks {list(cfg.tasks)} split {cfg.split!r}"
+
+
+def generated_rows(cfg: PromptsConfig) -> list[dict]:
+    """The rows of a generated source: an embedded world (`reasoning_rl.world.text` / `.visual`) or reasoning-gym
+    tasks (`reasoning_rl.world.gym`), `cfg.size` problems of `cfg.split` from `cfg.generator_seed`."""
+    try:
+        if cfg.source == "reasoning_gym":
+            from reasoning_rl.world.gym import gym_rows
+
+            return gym_rows(cfg.tasks, cfg.size, cfg.generator_seed, cfg.split, cfg.task_options)
+        if cfg.world == "arithmetic":
+            from reasoning_rl.world.text import generate_problems
+
+            return [p.row() for p in generate_problems(cfg.size, cfg.split, cfg.steps, cfg.generator_seed)]
+        from reasoning_rl.world.visual import visual_rows
+
+        return visual_rows(cfg.size, cfg.split, cfg.question_types, cfg.generator_seed, cfg.image_scale)
+    except (ValueError, ImportError) as err:
+        raise PromptError(f"{generated_source_name(cfg)}: {err}") from None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
