@@ -88,6 +88,31 @@ class RolloutConfig(Section):
     prompts_per_step are kept or max_generation_rounds rounds have run."""
     max_generation_rounds: int = Field(3, ge=1)
     """With dynamic_sampling: generation rounds per step at most (a step may train on fewer problems)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Who samples the completions: transformers `generate` on the policy itself, or an in-process vLLM engine
+    (`reasoning_rl.vllm_rollout`; CUDA only, `pip install 'diffusion-rl[vllm]'`; text prompts only) that receives the
+    policy's current weights (LoRA merged) before each step's generation. Evaluation always uses transformers."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """backend=vllm: share of the GPU's memory the engine may take for its weights and KV cache (the rest is the
+    trainer's; TRL's colocate default 0.3)."""
+    vllm_max_model_len: int | None = Field(None, ge=2)
+    """backend=vllm: the engine's context length (longest prompt + max_new_tokens); empty = the model config's."""
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """backend=vllm: the engine's weight dtype (`auto` = vLLM's choice from the model config). The pushed weights
+    are cast to it; the trainer's log-probs stay fp32, and the importance-sampling correction covers the mismatch."""
+    vllm_seed: int = 0
+    """backend=vllm: the engine's seed (plus the process index); each request's seed comes from the trainer's
+    per-step seed."""
+    vllm_importance_sampling: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "token_truncate")
+    """backend=vllm: correct the policy loss for vLLM sampling from a slightly different distribution than the
+    trainer's (TRL's vllm_importance_sampling_mode): each token's loss times w = rho = pi_train / pi_vllm of its
+    token (`token_*`) or of its whole sequence (`sequence_*`), truncated to [min, max] (`*_truncate`, TIS) or zeroed
+    outside it (`*_mask`); `none` = no correction. Costs one no-grad forward per step."""
+    vllm_importance_sampling_max: float | None = Field(3.0, gt=0)
+    """backend=vllm: upper bound C_max of the importance-sampling weights (TRL 3.0); empty = none."""
+    vllm_importance_sampling_min: float | None = Field(None, ge=0)
+    """backend=vllm: lower bound C_min of the importance-sampling weights; empty = none."""
 
 
 class PromptsConfig(Section):
@@ -348,6 +373,7 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
             f"rollout.num_generations ({r.num_generations}) < 2: a group of one has no spread, so every advantage "
             "is 0; use at least 2 (GRPO uses 8)"
         )
+    problems += vllm_problems(cfg)
     if t.off_policy_per_group and not p.off_policy_column:
         problems.append("train.off_policy_per_group > 0 (LUFFY) needs prompts.off_policy_column (the traces' column)")
     if t.off_policy_per_group >= r.num_generations:
@@ -383,6 +409,25 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
         problems.append(f"num_steps ({cfg.num_steps}) differs from the stages' sum "
                         f"({sum(st.num_steps for st in cfg.stages)}); drop num_steps or set it to that sum")
     problems += core_config.reward_problems(cfg.reward)
+    return problems
+
+
+def vllm_problems(cfg: ReasonConfig) -> list[str]:
+    """Rules of rollout.backend=vllm."""
+    r, problems = cfg.rollout, []
+    if r.backend != "vllm":
+        return problems
+    sources = [cfg.prompts] + [st.prompts for st in cfg.stages if st.prompts is not None]
+    if any(p.image_column for p in sources):
+        problems.append("rollout.backend=vllm does not take image prompts yet (prompts.image_column is set); use "
+                        "rollout.backend=transformers for vision-language models")
+    if r.vllm_max_model_len is not None and r.vllm_max_model_len <= r.max_new_tokens:
+        problems.append(f"rollout.vllm_max_model_len ({r.vllm_max_model_len}) must exceed rollout.max_new_tokens "
+                        f"({r.max_new_tokens}): it holds the prompt and the completion")
+    low, high = r.vllm_importance_sampling_min, r.vllm_importance_sampling_max
+    if low is not None and high is not None and low > high:
+        problems.append(f"rollout.vllm_importance_sampling_min ({low}) exceeds rollout.vllm_importance_sampling_max "
+                        f"({high})")
     return problems
 
 

@@ -34,6 +34,12 @@ class Rollouts:
     mm_token_type_ids: torch.Tensor | None = None
     off_policy: torch.Tensor | None = None  # [B] bool: the completion is a dataset trace (LUFFY), not sampled
     pad_id: int = 0
+    # rollout.backend=vllm: the engine's log-prob of each sampled token [B, C] fp32 (NaN: none, e.g. a LUFFY trace),
+    # the trainer's at the same weights, and the importance-sampling weights [B, C] the policy loss is multiplied by
+    # (reasoning_rl.vllm_rollout.importance_weights)
+    sampling_logp: torch.Tensor | None = None
+    trainer_logp: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -62,7 +68,8 @@ class Rollouts:
             metadata=[self.metadata[i] for i in rows],
             pixel_values=None if self.pixel_values is None else [self.pixel_values[i] for i in rows],
             image_grid_thw=take(self.image_grid_thw), mm_token_type_ids=take(self.mm_token_type_ids),
-            off_policy=take(self.off_policy), pad_id=self.pad_id,
+            off_policy=take(self.off_policy), pad_id=self.pad_id, sampling_logp=take(self.sampling_logp),
+            trainer_logp=take(self.trainer_logp), is_weights=take(self.is_weights),
         )
 
     @staticmethod
@@ -89,6 +96,9 @@ class Rollouts:
             mm_token_type_ids=None if parts[0].mm_token_type_ids is None
             else torch.cat([left(p.mm_token_type_ids, 0) for p in parts]),
             off_policy=cat([p.off_policy for p in parts]), pad_id=pad,
+            sampling_logp=None if parts[0].sampling_logp is None else torch.cat([right(p.sampling_logp, 0.0) for p in parts]),
+            trainer_logp=None if parts[0].trainer_logp is None else torch.cat([right(p.trainer_logp, 0.0) for p in parts]),
+            is_weights=None if parts[0].is_weights is None else torch.cat([right(p.is_weights, 1.0) for p in parts]),
         )
 
     def with_traces(self, slots: torch.Tensor, traces: list[str], processor) -> Rollouts:
@@ -103,6 +113,12 @@ class Rollouts:
         C = max(self.completion_ids.shape[1], max(len(x) for x in ids))
         completion_ids = F.pad(self.completion_ids, (0, C - self.completion_ids.shape[1]), value=self.pad_id)
         mask = F.pad(self.completion_mask, (0, C - self.completion_mask.shape[1]), value=0)
+        if self.sampling_logp is not None:  # a trace was not sampled by the engine: no log-probs (NaN = no correction)
+            self.sampling_logp = F.pad(self.sampling_logp, (0, C - self.sampling_logp.shape[1]), value=0.0)
+            self.sampling_logp[slots.to(self.sampling_logp.device).bool()] = float("nan")
+        if self.is_weights is not None:
+            self.is_weights = F.pad(self.is_weights, (0, C - self.is_weights.shape[1]), value=1.0)
+            self.is_weights[slots.to(self.is_weights.device).bool()] = 1.0
         for i, trace in zip(rows, ids, strict=True):
             completion_ids[i] = self.pad_id
             completion_ids[i, : len(trace)] = torch.tensor(trace, device=completion_ids.device)

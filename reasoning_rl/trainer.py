@@ -66,6 +66,7 @@ from diffusion_rl.core.tb import Writer
 from reasoning_rl.config import ReasonConfig, dump_config
 from reasoning_rl.data import format_prompt, load_problems, rows_to_problems
 from reasoning_rl.evaluation import evaluate
+from reasoning_rl.gguf_checkpoint import as_plain_checkpoint
 from reasoning_rl.models import load_policy, prepare_trainable, save_trained, set_image_pixels
 from reasoning_rl.rollout import Rollouts, encode_prompts, generate, token_log_probs
 
@@ -107,6 +108,7 @@ class Run(ProcessInfo):
     writer: Writer
     callbacks: Sequence[TrainerCallback]
     start_step: int = 0
+    vllm: object | None = None  # rollout.backend=vllm: the engine (reasoning_rl.vllm_rollout.VLLMRollout)
 
     def stateful(self) -> dict:
         return {"curriculum": _Curriculum(self.stages, self.stage_samplers), "entropy_schedule": self.entropy_schedule}
@@ -181,6 +183,8 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
     m, t = cfg.model, cfg.train
     raw_model, processor = load_policy(m.pretrained, m.revision, m.dtype, m.local_files_only, m.trust_remote_code,
                                        m.gguf_file, m.seed)
+    if m.gguf_file:  # dequantised weights: an ordinary model (full fine-tuning saves it)
+        raw_model = as_plain_checkpoint(raw_model)
     set_image_pixels(processor, cfg.prompts.min_pixels, cfg.prompts.max_pixels)
     raw_model, params = prepare_trainable(raw_model, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules,
                                           m.gradient_checkpointing, m.freeze_vision_tower)
@@ -200,6 +204,7 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
     stages = cfg.curriculum()
     stage_problems = [load_problems(st.prompts) for st in stages]
     out = Path(cfg.output_dir)
+    vllm = _vllm_engine(cfg, accelerator.unwrap_model(model), processor, accelerator) if cfg.rollout.backend == "vllm" else None
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, model=model, raw_model=accelerator.unwrap_model(model),
         processor=processor, params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, guard=guard,
@@ -207,7 +212,22 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
         stage_samplers=[PromptSampler(p, cfg.seed + i, accelerator.num_processes, accelerator.process_index)
                         for i, p in enumerate(stage_problems)],
         entropy_schedule=_entropy_schedule(cfg), writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process),
-        callbacks=list(callbacks),
+        callbacks=list(callbacks), vllm=vllm,
+    )
+
+
+def _vllm_engine(cfg: ReasonConfig, model, processor, accelerator):
+    """The in-process vLLM engine of rollout.backend=vllm (a clear error without vllm or CUDA)."""
+    from reasoning_rl.vllm_rollout import VLLMRollout
+
+    m, r = cfg.model, cfg.rollout
+    return VLLMRollout(
+        model, processor, m.pretrained, gguf_file=m.gguf_file, revision=m.revision,
+        trust_remote_code=m.trust_remote_code, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+        max_model_len=r.vllm_max_model_len, dtype=r.vllm_dtype, seed=r.vllm_seed,
+        max_num_seqs=r.prompts_per_step * r.num_generations, logprobs=r.vllm_importance_sampling != "none",
+        process_index=accelerator.process_index, local_process_index=accelerator.local_process_index,
+        num_processes=accelerator.num_processes,
     )
 
 
@@ -267,8 +287,11 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
     r = run.cfg.rollout
     rounds = r.max_generation_rounds if r.dynamic_sampling else 1
     batches = run.stage_samplers[run.stage_at(step)].epoch_indices(step, rounds, r.prompts_per_step)
+    if run.vllm is not None:  # the engine samples from the weights the last step left (LoRA merged)
+        run.vllm.sync_weights(run.raw_model)
     if not r.dynamic_sampling:
-        return (*_generate_round(run, step, 0, batches[0]), {})
+        rollouts, scores = _generate_round(run, step, 0, batches[0])
+        return rollouts, scores, _importance_info(rollouts)
     sampler = DynamicSampler(target_groups=r.prompts_per_step, max_rounds=rounds)
     parts, scores = [], []
     for round_index, ids in enumerate(batches):
@@ -279,7 +302,8 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
             break
     keep = sampler.selected()
     info = {f"dynamic_sampling_{k}": float(v) for k, v in sampler.metrics().items()}
-    return Rollouts.cat(parts).select(keep), torch.cat(scores)[keep], info
+    rollouts = Rollouts.cat(parts).select(keep)
+    return rollouts, torch.cat(scores)[keep], {**info, **_importance_info(rollouts)}
 
 
 def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tuple[Rollouts, torch.Tensor]:
@@ -287,7 +311,8 @@ def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tu
     problems, metadata, texts, images = _stage_inputs(run, step, ids)
     torch.manual_seed(derive_seed(cfg.seed, step, run.rank, round_index))  # generate samples from the global RNG
     run.model.eval()
-    rollouts = generate(
+    sample = generate if run.vllm is None else run.vllm.generate
+    rollouts = sample(
         run.raw_model, run.processor, texts, problems, metadata, r.num_generations, r.max_new_tokens, r.temperature,
         r.top_p, r.top_k, r.stop_strings, r.batch_size, images,
     )
@@ -295,10 +320,28 @@ def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tu
     if m:  # LUFFY: m of each group's G completions become the problem's off-policy trace
         slots = replace_with_off_policy(torch.arange(len(rollouts)) // r.num_generations, m)
         rollouts = rollouts.with_traces(slots, [meta["off_policy"] for meta in rollouts.metadata], run.processor)
+    if rollouts.sampling_logp is not None and r.vllm_importance_sampling != "none":
+        from reasoning_rl.vllm_rollout import importance_weights
+
+        # the trainer's log-probs of the sampled tokens at the weights the engine sampled with, against the engine's
+        rollouts.trainer_logp = _log_probs_no_grad(run, rollouts, run.raw_model)
+        rollouts.is_weights = importance_weights(
+            rollouts.trainer_logp, rollouts.sampling_logp, rollouts.completion_mask, r.vllm_importance_sampling,
+            r.vllm_importance_sampling_max, r.vllm_importance_sampling_min)
     scores, _ = run.reward_fn(rollouts.completions, rollouts.prompts, rollouts.metadata)
     scores = scores.float().cpu()
     _check_unscorable(run, scores, step)
     return rollouts, scores
+
+
+def _importance_info(rollouts: Rollouts) -> dict[str, float]:
+    """rollout.backend=vllm: the importance-sampling weights' and the log-prob mismatch's statistics (else empty)."""
+    if rollouts.is_weights is None:
+        return {}
+    from reasoning_rl.vllm_rollout import importance_metrics
+
+    return importance_metrics(rollouts.is_weights, rollouts.trainer_logp, rollouts.sampling_logp,
+                              rollouts.completion_mask)
 
 
 def _stage_inputs(run: Run, step: int, ids: list[int]):
@@ -422,7 +465,9 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
         loss_mask = loss_mask * rollouts.stopped[:, None].long()  # cut completions get no loss
     # log pi_old: the sampling policy. With one pass it equals the current policy (ratio 1, detached), so it is
     # only computed when the batch is reused.
-    old_logp = _log_probs_no_grad(run, rollouts, run.raw_model) if t.num_iterations > 1 else None
+    old_logp = None
+    if t.num_iterations > 1:  # (rollout.backend=vllm with importance sampling has them already: same weights)
+        old_logp = rollouts.trainer_logp if rollouts.trainer_logp is not None else _log_probs_no_grad(run, rollouts, run.raw_model)
     ref_logp = _reference_log_probs(run, rollouts) if t.beta > 0 else None
     run.model.train()
     metrics, grad_norms = MetricAccumulator(), []
@@ -433,6 +478,8 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
     per_process_count = max(n_global, 1.0) / run.world
     entropy_coef = run.entropy_schedule.value()
     luffy = rollouts.off_policy is not None and bool(rollouts.off_policy.any())
+    if rollouts.is_weights is not None:  # vLLM importance sampling: per-token loss x w == the advantage x w (w >= 0)
+        advantages = advantages.to(rollouts.is_weights.device)[:, None] * rollouts.is_weights  # [B, C]
     for iteration in range(t.num_iterations):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, iteration)))
         micro_batches = list(order.split(t.micro_batch_size))
