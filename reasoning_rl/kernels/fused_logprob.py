@@ -133,12 +133,15 @@ class TorchFusedLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, chunk_rows, vocab_block):
-        N, V = hidden.shape[0], weight.shape[0]
+        N = hidden.shape[0]
         chunk_rows, vocab_block = chunk_rows or DEFAULT_CHUNK_ROWS, vocab_block or DEFAULT_VOCAB_BLOCK
         inv_t = 1.0 / temperature
         need_h = ctx.needs_input_grad[0]
         logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(logp)
+        # log Z kept as a reference logit m plus log s (s = sum_j exp(z_j - m)): m + log s rounded to one fp32 number
+        # at |log Z| ~ 100 would shift every p_ij of a row by the same relative error, which the weight gradient
+        # sums up; z - m is exact near the top of the row
+        ref_m, log_s = torch.empty_like(logp), torch.empty_like(logp)
         entropy = torch.empty_like(logp) if with_entropy else None
         grad_h_logp = torch.empty(N, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
         grad_h_ent = torch.empty_like(grad_h_logp) if need_h and with_entropy else None
@@ -146,53 +149,34 @@ class TorchFusedLogProb(torch.autograd.Function):
             r1 = min(r0 + chunk_rows, N)
             h = hidden[r0:r1].float()  # [R, H]
             y = targets[r0:r1]
-            R = r1 - r0
-            m = torch.full((R,), -math.inf, device=h.device)  # running max of z       [R]
-            s = torch.zeros(R, device=h.device)  # sum_j exp(z_j - m)                   [R]
-            t = torch.zeros(R, device=h.device) if with_entropy else None  # sum_j exp(z_j - m) z_j
-            acc_w = torch.zeros_like(h) if need_h else None  # sum_j exp(z_j - m) W_j           [R, H]
-            acc_zw = torch.zeros_like(h) if need_h and with_entropy else None  # sum_j exp(z_j - m) z_j W_j
-            for v0 in range(0, V, vocab_block):
-                v1 = min(v0 + vocab_block, V)
-                w = weight[v0:v1].float()  # [Vb, H]
-                z = _tile_logits(h, w, bias, v0, v1, inv_t)  # [R, Vb]
-                m_new = torch.maximum(m, z.amax(dim=1))
-                scale = torch.exp(m - m_new)  # rescales what was summed under the old max   [R]
-                if with_entropy:
-                    e = torch.exp(z - m_new[:, None])  # [R, Vb]
-                    ez = z.mul_(e)  # z is not needed after this
-                    t.mul_(scale).add_(ez.sum(1))
-                else:
-                    e = z.sub_(m_new[:, None]).exp_()  # in place: one [R, Vb] buffer per tile
-                s.mul_(scale).add_(e.sum(1))
-                if need_h:
-                    acc_w.mul_(scale[:, None]).addmm_(e, w)
-                    if with_entropy:
-                        acc_zw.mul_(scale[:, None]).addmm_(ez, w)
-                m = m_new
-            lse[r0:r1] = m + torch.log(s)
             w_y = weight.index_select(0, y).float()  # [R, H]
             z_y = (h * w_y).sum(1)
             if bias is not None:
                 z_y = z_y + bias.index_select(0, y).float()
-            logp[r0:r1] = z_y * inv_t - lse[r0:r1]
+            z_y = z_y * inv_t  # the target logits   [R]
+            if with_entropy:
+                stats = _stream_vocab_with_entropy(h, weight, bias, inv_t, vocab_block, need_h)
+            else:
+                stats = _stream_vocab(h, weight, bias, inv_t, vocab_block, need_h, z_y)
+            m, s, t, acc_w, acc_zw = stats  # sums of exp(z_j - m) (z_j, W_j, z_j W_j) over the vocabulary
+            ref_m[r0:r1], log_s[r0:r1] = m, torch.log(s)
+            logp[r0:r1] = (z_y - m) - log_s[r0:r1]
             mean_z = None
             if with_entropy:
                 mean_z = t / s  # E_p[z]
-                entropy[r0:r1] = lse[r0:r1] - mean_z
+                entropy[r0:r1] = (m - mean_z) + log_s[r0:r1]  # log Z - E_p[z]
             if need_h:
                 mean_w = acc_w / s[:, None]  # E_p[W]   [R, H]
                 grad_h_logp[r0:r1] = (w_y - mean_w) * inv_t
                 if with_entropy:
                     grad_h_ent[r0:r1] = (mean_z[:, None] * mean_w - acc_zw / s[:, None]) * inv_t
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, logp, entropy, grad_h_logp, grad_h_ent)
+        ctx.save_for_backward(hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent)
         ctx.config = (temperature, with_entropy, chunk_rows, vocab_block)
-        ctx.mark_non_differentiable(lse)
         return logp, (entropy if with_entropy else logp.new_zeros(0))
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, targets, lse, logp, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
+        hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
         temperature, with_entropy, chunk_rows, vocab_block = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_logp = g_logp.float()
@@ -200,9 +184,73 @@ class TorchFusedLogProb(torch.autograd.Function):
         grad_hidden = hidden_grad(g_logp, g_ent, grad_h_logp, grad_h_ent, hidden.dtype) if need_h else None
         grad_weight = grad_bias = None
         if need_w or need_b:
-            grad_weight, grad_bias = _head_grads(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent,
+            grad_weight, grad_bias = _head_grads(hidden, weight, bias, targets, ref_m, log_s, entropy, g_logp, g_ent,
                                                  1.0 / temperature, chunk_rows, vocab_block, need_w, need_b)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+# The two vocabulary streams of the forward. Both return (m, s, t, acc_w, acc_zw) for a chunk of R rows: a reference
+# value m [R] and, relative to it, s = sum_j exp(z_j - m), t = sum_j exp(z_j - m) z_j (entropy only),
+# acc_w = sum_j exp(z_j - m) W_j and acc_zw = sum_j exp(z_j - m) z_j W_j ([R, H], when the hidden states need a
+# gradient), so log Z = m + log s, E_p[z] = t / s, E_p[W] = acc_w / s.
+
+def _stream_vocab(h, weight, bias, inv_t, vocab_block, need_h, z_y):
+    """Without entropy. The reference starts at the target logit (a value the row holds, so exp(z - m) of its
+    largest logit only overflows if the target's probability is below e^-88) and the offset is folded into the
+    tile's matmul: a tile costs one matmul, one in-place exp and one sum. A tile that would overflow (or push
+    s past 1e13) is redone against its true maximum, the online-softmax way."""
+    R, V = h.shape[0], weight.shape[0]
+    m = z_y.clone()
+    s = torch.zeros(R, device=h.device)
+    acc_w = torch.zeros_like(h) if need_h else None
+    for v0 in range(0, V, vocab_block):
+        v1 = min(v0 + vocab_block, V)
+        w = weight[v0:v1].float()  # [Vb, H]
+        if bias is None:
+            e = torch.addmm(-m[:, None], h, w.T, alpha=inv_t)  # z - m   [R, Vb]
+        else:
+            e = torch.addmm(bias[v0:v1].float(), h, w.T).mul_(inv_t).sub_(m[:, None])
+        e = e.exp_()
+        tile_sum = e.sum(1)
+        if not bool(((s + tile_sum) < 1e13).all()):  # (also false for inf / NaN)
+            z = _tile_logits(h, w, bias, v0, v1, inv_t)
+            m_new = torch.maximum(torch.maximum(m, z.amax(dim=1)), m + torch.log(s.clamp(min=1.0)))
+            scale = torch.exp(m - m_new)
+            e = z.sub_(m_new[:, None]).exp_()
+            tile_sum = e.sum(1)
+            s.mul_(scale)
+            if need_h:
+                acc_w.mul_(scale[:, None])
+            m = m_new
+        s.add_(tile_sum)
+        if need_h:
+            acc_w.addmm_(e, w)
+    return m, s, None, acc_w, None
+
+
+def _stream_vocab_with_entropy(h, weight, bias, inv_t, vocab_block, need_h):
+    """With entropy: the classic online softmax (running maximum), also summing exp(z - m) z (and its W)."""
+    R, V = h.shape[0], weight.shape[0]
+    m = torch.full((R,), -math.inf, device=h.device)  # running max of z   [R]
+    s = torch.zeros(R, device=h.device)
+    t = torch.zeros(R, device=h.device)
+    acc_w = torch.zeros_like(h) if need_h else None
+    acc_zw = torch.zeros_like(h) if need_h else None
+    for v0 in range(0, V, vocab_block):
+        v1 = min(v0 + vocab_block, V)
+        w = weight[v0:v1].float()  # [Vb, H]
+        z = _tile_logits(h, w, bias, v0, v1, inv_t)  # [R, Vb]
+        m_new = torch.maximum(m, z.amax(dim=1))
+        scale = torch.exp(m - m_new)  # rescales what was summed under the old max   [R]
+        e = torch.exp(z - m_new[:, None])  # [R, Vb]
+        ez = z.mul_(e)  # z is not needed after this
+        t.mul_(scale).add_(ez.sum(1))
+        s.mul_(scale).add_(e.sum(1))
+        if need_h:
+            acc_w.mul_(scale[:, None]).addmm_(e, w)
+            acc_zw.mul_(scale[:, None]).addmm_(ez, w)
+        m = m_new
+    return m, s, t, acc_w, acc_zw
 
 
 def hidden_grad(g_logp, g_ent, grad_h_logp, grad_h_ent, dtype):
@@ -219,10 +267,15 @@ def _tile_logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, v0
     return z.mul_(inv_t) if inv_t != 1.0 else z
 
 
-def _head_grads(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_t, chunk_rows, vocab_block,
-                need_w, need_b):
+def _head_grads(hidden, weight, bias, targets, ref_m, log_s, entropy, g_logp, g_ent, inv_t, chunk_rows,
+                vocab_block, need_w, need_b):
     """Gradients of the LM-head weight [V, H] and bias [V]: each tile's logits are recomputed (nothing of size
-    N x V was kept) and contracted with the rows' hidden states."""
+    N x V was kept) and contracted with the rows' hidden states.
+
+    With dL/dz_ij = c_i (1[j = y_i] - p_ij) / T (no entropy term) and p_ij = exp(z_ij - m_i) / s_i, the target part
+    is a scatter of c_i h_i / T onto the rows y_i, done once, and the rest is -exp(z_ij - m_i) (c_i / (T s_i)): the
+    offset folded into the tile's matmul, one in-place exp, and the per-row factor applied to h. Three passes over a
+    tile instead of five."""
     N, V = hidden.shape[0], weight.shape[0]
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
@@ -230,19 +283,37 @@ def _head_grads(hidden, weight, bias, targets, lse, entropy, g_logp, g_ent, inv_
         r1 = min(r0 + chunk_rows, N)
         h = hidden[r0:r1].float()
         y = targets[r0:r1]
+        m = ref_m[r0:r1, None]  # [R, 1]
         gl = g_logp[r0:r1, None] * inv_t  # the 1/T of dz/d(h W^T) folded into the per-row factors   [R, 1]
-        ge = g_ent[r0:r1, None] * inv_t if g_ent is not None else None
+        if g_ent is None:
+            k = gl * torch.exp(-log_s[r0:r1, None])  # c_i / (T s_i)   [R, 1]
+            k_h = k * h  # [R, H]
+            for v0 in range(0, V, vocab_block):
+                v1 = min(v0 + vocab_block, V)
+                w = weight[v0:v1].float()
+                if bias is None:
+                    e = torch.addmm(-m, h, w.T, alpha=inv_t)  # z - m   [R, Vb]
+                else:
+                    e = torch.addmm(bias[v0:v1].float(), h, w.T).mul_(inv_t).sub_(m)
+                e.exp_()  # s_i p_ij
+                if need_w:
+                    grad_w[v0:v1].addmm_(e.T, k_h, alpha=-1.0)
+                if need_b:
+                    grad_b[v0:v1].sub_(e.T @ k[:, 0])
+            if need_w:
+                grad_w.index_add_(0, y, gl * h)  # + c_i h_i / T on the target rows
+            if need_b:
+                grad_b.index_add_(0, y, gl[:, 0])
+            continue
+        ge = g_ent[r0:r1, None] * inv_t
         for v0 in range(0, V, vocab_block):
             v1 = min(v0 + vocab_block, V)
             z = _tile_logits(h, weight[v0:v1].float(), bias, v0, v1, inv_t)  # [R, Vb]
-            log_p = z.sub_(lse[r0:r1, None])  # in place: z is no longer needed
-            if ge is not None:  # dH/dz = -p (log p + H)
-                p = torch.exp(log_p)
-                grad_z = log_p.add_(entropy[r0:r1, None]).mul_(p).mul_(-ge)
-                grad_z.addcmul_(p, gl, value=-1.0)
-            else:  # dlogp/dz = 1[j = y] - p
-                grad_z = log_p.exp_().mul_(-gl)
-            hit = (y >= v0) & (y < v1)  # targets inside this vocabulary block: + g_logp * 1[j = y]
+            log_p = z.sub_(m).sub_(log_s[r0:r1, None])  # in place: z is no longer needed
+            p = torch.exp(log_p)
+            grad_z = log_p.add_(entropy[r0:r1, None]).mul_(p).mul_(-ge)  # dH/dz = -p (log p + H)
+            grad_z.addcmul_(p, gl, value=-1.0)  # dlogp/dz = 1[j = y] - p (the target part below)
+            hit = (y >= v0) & (y < v1)  # targets inside this vocabulary block
             if bool(hit.any()):
                 rows = hit.nonzero().squeeze(1)
                 grad_z[rows, y[rows] - v0] += gl[rows, 0]

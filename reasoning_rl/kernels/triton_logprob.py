@@ -26,11 +26,12 @@ CHUNK_ELEMENTS = 2**28
 
 @triton.jit
 def _logprob_fwd_kernel(
-    z_ptr, z_stride, gent_ptr, gent_stride, y_ptr, logp_ptr, lse_ptr, ent_ptr, V, inv_t,
+    z_ptr, z_stride, gent_ptr, gent_stride, y_ptr, logp_ptr, m_ptr, logs_ptr, ent_ptr, V, inv_t,
     WITH_ENT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per row: log Z, log p(y), entropy; with WRITE_GRAD the row's logits become dlogp/dz * (1/T)
-    in place and dH/dz * (1/T) goes to gent."""
+    """One program per row: log Z (as its running max m and log s, s = sum exp(z - m): z - m stays exact near the
+    top of the row), log p(y), entropy; with WRITE_GRAD the row's logits become dlogp/dz * (1/T) in place and
+    dH/dz * (1/T) goes to gent."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     y = tl.load(y_ptr + row)
@@ -48,11 +49,12 @@ def _logprob_fwd_kernel(
         if WITH_ENT:
             t = t * scale + tl.sum(e * tl.where(inside, z, 0.0), axis=0)  # (0 * -inf would be NaN)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     z_y = tl.load(z_row + y).to(tl.float32) * inv_t
-    tl.store(logp_ptr + row, z_y - lse)
-    tl.store(lse_ptr + row, lse)
-    ent = lse - t / s
+    tl.store(logp_ptr + row, (z_y - m) - log_s)
+    tl.store(m_ptr + row, m)
+    tl.store(logs_ptr + row, log_s)
+    ent = (m - t / s) + log_s
     if WITH_ENT:
         tl.store(ent_ptr + row, ent)
     if WRITE_GRAD:
@@ -60,7 +62,7 @@ def _logprob_fwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             inside = cols < V
-            log_p = tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32) * inv_t - lse
+            log_p = (tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32) * inv_t - m) - log_s
             p = tl.exp(log_p)
             if WITH_ENT:
                 tl.store(gent_row + cols, -p * (log_p + ent) * inv_t, mask=inside)
@@ -70,14 +72,15 @@ def _logprob_fwd_kernel(
 
 @triton.jit
 def _logprob_grad_kernel(
-    z_ptr, z_stride, y_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, V, inv_t,
+    z_ptr, z_stride, y_ptr, m_ptr, logs_ptr, ent_ptr, glogp_ptr, gent_ptr, V, inv_t,
     WITH_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per row: the row's logits become dL/d(h W^T + b) = (g_logp dlogp/dz + g_H dH/dz) / T in place."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
     y = tl.load(y_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(logs_ptr + row)
     g_l = tl.load(glogp_ptr + row)
     g_e = 0.0
     ent = 0.0
@@ -87,7 +90,7 @@ def _logprob_grad_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         inside = cols < V
-        log_p = tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32) * inv_t - lse
+        log_p = (tl.load(z_row + cols, mask=inside, other=0.0).to(tl.float32) * inv_t - m) - log_s
         p = tl.exp(log_p)
         g = g_l * (tl.where(cols == y, 1.0, 0.0) - p)
         if WITH_ENT:
@@ -123,7 +126,7 @@ class TritonFusedLogProb(torch.autograd.Function):
         block_v = _block_v(V)
         targets = targets.contiguous()
         logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(logp)
+        ref_m, log_s = torch.empty_like(logp), torch.empty_like(logp)  # log Z = m + log s
         entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(1)
         grad_h_logp = torch.empty(N, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
         grad_h_ent = torch.empty_like(grad_h_logp) if need_h and with_entropy else None
@@ -132,7 +135,7 @@ class TritonFusedLogProb(torch.autograd.Function):
             z = _chunk_logits(hidden[r0:r1].to(weight.dtype), weight, bias)  # [R, V]
             g_ent = torch.empty_like(z) if need_h and with_entropy else z  # (unused pointer when not written)
             _logprob_fwd_kernel[(r1 - r0,)](
-                z, z.stride(0), g_ent, g_ent.stride(0), targets[r0:r1], logp[r0:r1], lse[r0:r1],
+                z, z.stride(0), g_ent, g_ent.stride(0), targets[r0:r1], logp[r0:r1], ref_m[r0:r1], log_s[r0:r1],
                 entropy[r0:r1] if with_entropy else entropy, V, inv_t,
                 WITH_ENT=with_entropy, WRITE_GRAD=need_h, BLOCK_V=block_v)
             if need_h:  # z now holds dlogp/dz / T
@@ -140,14 +143,13 @@ class TritonFusedLogProb(torch.autograd.Function):
                 if with_entropy:
                     grad_h_ent[r0:r1] = (g_ent.to(weight.dtype) @ weight).float()
         entropy = entropy if with_entropy else None
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, grad_h_logp, grad_h_ent)
+        ctx.save_for_backward(hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent)
         ctx.config = (temperature, with_entropy, R, block_v)
-        ctx.mark_non_differentiable(lse)
         return logp, (entropy if with_entropy else logp.new_zeros(0))
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, targets, lse, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
+        hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
         temperature, with_entropy, R, block_v = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g_logp = g_logp.float().contiguous()
@@ -163,7 +165,8 @@ class TritonFusedLogProb(torch.autograd.Function):
                 h = hidden[r0:r1].to(weight.dtype)
                 z = _chunk_logits(h, weight, bias)
                 _logprob_grad_kernel[(r1 - r0,)](
-                    z, z.stride(0), targets[r0:r1], lse[r0:r1], entropy[r0:r1] if with_entropy else lse,
+                    z, z.stride(0), targets[r0:r1], ref_m[r0:r1], log_s[r0:r1],
+                    entropy[r0:r1] if with_entropy else log_s,
                     g_logp[r0:r1], g_ent[r0:r1] if with_entropy else g_logp, V, 1.0 / temperature,
                     WITH_ENT=with_entropy, BLOCK_V=block_v)
                 if need_w:
