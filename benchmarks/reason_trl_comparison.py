@@ -45,6 +45,7 @@ Usage, from the repository root (TRL 1.16 must be importable from this python; i
     .venv/bin/python benchmarks/reason_trl_comparison.py            # both workloads (tiny 20 steps, vocab151k 6), 1 thread
     .venv/bin/python benchmarks/reason_trl_comparison.py --workload tiny --steps 30 --out reason_trl.json
     .venv/bin/python benchmarks/reason_trl_comparison.py --workload vocab151k --profile   # + cProfile of step 2
+    .venv/bin/python benchmarks/reason_trl_comparison.py --workload vocab151k --fused off   # drl without the fused log-prob
 
 Target (from the issue): drl step time <= 0.7 x TRL's, printed as met / NOT met for wall and CPU time.
 """
@@ -234,7 +235,7 @@ class StepClock:
             self.gate.wait()  # hold the tear-down until the driver has run every side's last step
 
 
-def worker_drl(model_dir: str, steps: int, out_dir: str, clock: StepClock) -> dict:
+def worker_drl(model_dir: str, steps: int, out_dir: str, clock: StepClock, fused: str = "auto") -> dict:
     import torch
     import yaml
 
@@ -245,7 +246,8 @@ def worker_drl(model_dir: str, steps: int, out_dir: str, clock: StepClock) -> di
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(yaml.safe_dump({
         "seed": SEED, "num_steps": steps, "output_dir": out_dir,
-        "model": {"pretrained": model_dir, "local_files_only": True, "use_lora": False, "dtype": "float32"},
+        "model": {"pretrained": model_dir, "local_files_only": True, "use_lora": False, "dtype": "float32",
+                  "fused_logprob": fused},
         "rollout": {"num_generations": NUM_GENERATIONS, "prompts_per_step": PROMPTS_PER_STEP,
                     "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0,
                     "batch_size": NUM_GENERATIONS * PROMPTS_PER_STEP},
@@ -362,7 +364,7 @@ def run_worker(args) -> None:
     torch.set_num_threads(args.threads)
     clock = StepClock(Gate(args.ctl_in, args.ctl_out), args.steps, 1 if args.profile_out else None, args.profile_out)
     if args.worker == "drl":
-        res = worker_drl(args.model_dir, args.steps, args.work_dir, clock)
+        res = worker_drl(args.model_dir, args.steps, args.work_dir, clock, args.fused)
     else:
         res = worker_trl(args.model_dir, args.steps, args.work_dir, clock, args.threads)
     res["torch_threads"] = torch.get_num_threads()
@@ -374,7 +376,7 @@ def run_worker(args) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_lockstep(model_dir: Path, work: Path, steps: int, threads: int, log, profile: bool) -> dict:
+def run_lockstep(model_dir: Path, work: Path, steps: int, threads: int, log, profile: bool, fused: str = "auto") -> dict:
     """Start both workers (they load concurrently), then run step s of each in turn, one computing at a time, the
     order alternating every step; finally release both to tear down."""
     sides = ["drl", "trl"]
@@ -388,7 +390,7 @@ def run_lockstep(model_dir: Path, work: Path, steps: int, threads: int, log, pro
             result = work / f"{kind}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--steps", str(steps),
                    "--threads", str(threads), "--model-dir", str(model_dir), "--work-dir", str(work / f"{kind}_run"),
-                   "--result", str(result), "--ctl-in", str(to_w_r), "--ctl-out", str(fr_w_w)]
+                   "--result", str(result), "--ctl-in", str(to_w_r), "--ctl-out", str(fr_w_w), "--fused", fused]
             if profile:
                 cmd += ["--profile-out", str(work / f"{kind}_step2.prof")]
             procs[kind] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO, pass_fds=(to_w_r, fr_w_w)),
@@ -505,6 +507,8 @@ def main() -> None:
                     help="cProfile step 2 of each side and print the top entries (step 2 is then left out of the medians)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (models, run dirs, worker log)")
     # internal (worker processes)
+    ap.add_argument("--fused", choices=["auto", "off", "torch"], default="auto",
+                    help="drl's model.fused_logprob (default auto, the trainer's default: chunked PyTorch on a CPU)")
     ap.add_argument("--worker", choices=["drl", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--work-dir", help=argparse.SUPPRESS)
@@ -546,7 +550,7 @@ def main() -> None:
         print(f"[bench] {wl}: model built and saved in {time.perf_counter() - t0:.1f} s; drl and TRL in lock-step, "
               f"{steps} steps each, {args.threads} thread(s)", flush=True)
         (work / wl / "runs").mkdir(exist_ok=True)
-        res = run_lockstep(model_dir, work / wl / "runs", steps, args.threads, log, args.profile)
+        res = run_lockstep(model_dir, work / wl / "runs", steps, args.threads, log, args.profile, args.fused)
         for kind in ("drl", "trl"):
             print(f"[bench]   {kind:>3} step s: {', '.join(f'{x:.2f}' for x in res[kind]['step_s'])}  (cpu "
                   f"{', '.join(f'{x:.2f}' for x in res[kind]['step_cpu_s'])}; first is warm-up)", flush=True)
@@ -572,7 +576,7 @@ def main() -> None:
     if args.out:
         out = {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(t_start)),
-            "threads": args.threads, "cpus": os.cpu_count(),
+            "threads": args.threads, "cpus": os.cpu_count(), "fused_logprob": args.fused,
             "loadavg_before": load_before, "loadavg_after": load_after, "versions": versions(),
             "workload": {"num_generations": NUM_GENERATIONS, "prompts_per_step": PROMPTS_PER_STEP,
                          "max_new_tokens": MAX_NEW_TOKENS, "micro_batch": MICRO_BATCH, "learning_rate": LEARNING_RATE,
