@@ -153,3 +153,23 @@ def test_one_training_step_on_the_gguf_model(tiny_gguf, tmp_path, use_lora):
         with torch.no_grad():
             torch.testing.assert_close(reloaded(x).logits, result.model(x).logits, atol=1e-6, rtol=0)
             assert not torch.allclose(reloaded(x).logits, original(x).logits, atol=1e-6)  # it trained
+
+
+def test_fetch_smollm2s_conversion_turns_a_gguf_into_a_plain_checkpoint(tiny_gguf, tmp_path):
+    """reasoning_rl.fetch_smollm2.convert (the step after the download) on the self-written file: an ordinary
+    transformers directory with the same logits and tokenizer, no quantization_config."""
+    from transformers import AutoTokenizer
+
+    from reasoning_rl.fetch_smollm2 import convert
+
+    directory, original, tokenizer = tiny_gguf
+    out = convert(directory / "tiny.gguf", tmp_path / "plain")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "user", "content": "1 + 2"}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == tokenizer(text, add_special_tokens=False).input_ids and tok.eos_token == "<|im_end|>"
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([ids])).logits, original(torch.tensor([ids])).logits,
+                                   atol=1e-5, rtol=1e-5)
