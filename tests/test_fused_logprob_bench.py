@@ -30,11 +30,12 @@ def test_cpu_benchmark_small_run(tmp_path):
                 "--methods", "naive", "trl", "liger", "drl", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     header, rows = _table(proc.stdout)
-    assert header == ["V", "N", "method", "peak MB", "time s", "peak / naive", "time / naive"]
+    assert header == ["V", "N", "method", "peak MB", "peak less head grad MB", "time s", "peak / naive",
+                      "temporaries / naive", "time / naive"]
     by_method = {r[2]: r for r in rows}
     assert set(by_method) == {"naive", "trl", "liger", "drl"}
-    assert by_method["naive"][5] == "1.00" and by_method["naive"][6] == "1.00"
-    assert all(float(r[4]) > 0 for r in rows)
+    assert by_method["naive"][6] == by_method["naive"][7] == by_method["naive"][8] == "1.00"
+    assert all(float(r[5]) > 0 for r in rows)
     data = json.loads(out.read_text())
     losses = [r["loss"] for r in data["rows"]]  # the same GRPO loss on the same inputs, four ways
     assert max(losses) - min(losses) < 1e-5, losses
