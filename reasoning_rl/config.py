@@ -28,7 +28,7 @@ class ModelConfig(Section):
     """Causal LM or image-text model: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`, `Qwen/Qwen2-VL-2B-Instruct`), a
     local directory with `config.json`, `builtin:tiny-random-lm` (a tiny random Qwen2 with a character tokenizer)
     or `builtin:tiny-random-vlm` (a tiny random Qwen2-VL with its processor), both built offline, or
-    `builtin:tiny-arith-lm` (a shipped Qwen2 trained on the arithmetic world, `reasoning_rl.world.pretrain`)."""
+    `builtin:tiny-arith-lm` (a shipped Llama trained on the arithmetic world, `reasoning_rl.world.pretrain`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
     local_files_only: bool = False

@@ -218,8 +218,15 @@ def test_the_shipped_tiny_lm_loads_and_solves_held_out_problems():
 
     files = list(TINY_ARITH_LM.glob("*.safetensors"))
     assert files and sum(f.stat().st_size for f in TINY_ARITH_LM.rglob("*") if f.is_file()) < 10e6
+    from transformers import AutoTokenizer
+
+    from reasoning_rl.world.pretrain import world_tokenizer
+
     model, tokenizer = load_policy("builtin:tiny-arith-lm")
-    assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.padding_side == "left"
+    assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.padding_side == "left"
+    text_ = "<|im_start|>user\nAnn has 7 pens. <|im_end|>\n<|im_start|>assistant\n<think>7+5=12; 12-3=9</think>"
+    for loaded in (tokenizer, AutoTokenizer.from_pretrained(TINY_ARITH_LM)):  # the very tokenizer it was trained with
+        assert loaded(text_, add_special_tokens=False).input_ids == world_tokenizer()(text_, add_special_tokens=False).input_ids
     problems = eval_problems(16, seed=0, steps=(1, 2))
     result = greedy_accuracy(model, tokenizer, problems)
     assert result["format"] == 1.0

@@ -2,7 +2,7 @@
 
     python -m reasoning_rl.world.pretrain --out reasoning_rl/assets/tiny_lm
 
-The model is a standard `Qwen2ForCausalLM` (loadable with `AutoModelForCausalLM` / `AutoTokenizer`, and through
+The model is a standard `LlamaForCausalLM` (loadable with `AutoModelForCausalLM` / `AutoTokenizer`, and through
 `model.pretrained: builtin:tiny-arith-lm`) over the project's offline character tokenizer
 (`reasoning_rl.models.char_tokenizer`) plus four whole-word tokens for the trace tags (`<think>`, `</think>`,
 `<answer>`, `</answer>`; ordinary tokens, so decoding keeps them).
@@ -50,18 +50,22 @@ def world_tokenizer():
 
 
 def build_model(tokenizer, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, seed: int):
-    """A freshly initialised Qwen2ForCausalLM (weights from `seed`, the global RNG left as it was)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A freshly initialised LlamaForCausalLM (weights from `seed`, the global RNG left as it was).
+
+    Llama rather than Qwen2: for a `qwen2` config transformers' AutoTokenizer substitutes its own Qwen2Tokenizer
+    (byte-level BPE) for the saved character tokenizer, which drops spaces and newlines; for `llama` it loads the
+    saved tokenizer as it is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from reasoning_rl.models import _seeded_init
 
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _seeded_init(Qwen2ForCausalLM, config, seed, tokenizer)
+    return _seeded_init(LlamaForCausalLM, config, seed, tokenizer)
 
 
 def prompt_text(tokenizer, problem: str) -> str:
@@ -141,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (a transformers model dir)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
-    ap.add_argument("--steps", type=int, default=3500, help="optimizer steps (the schedule's length)")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps (the schedule's length)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -155,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--train-steps", type=int, nargs="+", default=list(text.STEPS),
                     help="step counts of the training problems (drawn uniformly)")
     ap.add_argument("--eval-per-step", type=int, default=50, help="held-out problems per step count")
-    ap.add_argument("--eval-every", type=int, default=500, help="evaluate (and save) every N steps; 0 = at the end")
+    ap.add_argument("--eval-every", type=int, default=250, help="evaluate (and save) every N steps; 0 = at the end")
     ap.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap of the training loop")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--log-every", type=int, default=50)
