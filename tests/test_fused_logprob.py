@@ -109,6 +109,15 @@ def test_unlikely_targets_and_huge_logits_take_the_overflow_path_exactly():
         assert _max_err(mine[key], truth[key]) <= _max_err(ref[key], truth[key]) + tol, key
 
 
+def test_a_second_backward_through_the_same_forward_is_a_clear_error():
+    h, w, b, y, mask, _ = _inputs(20, 8, 50, False, seed=9)
+    hh = h.clone().requires_grad_()
+    logp, _ = fused_token_logprobs(hh, w, y, backend="torch")
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"second backward .*retain_graph=True"):
+        logp.sum().backward()
+
+
 def test_no_grad_variant_gives_the_same_numbers_and_no_graph():
     h, w, b, y, mask, _ = _inputs(47, 31, 123, True, seed=4)
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()

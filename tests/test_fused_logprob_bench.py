@@ -35,8 +35,8 @@ def test_cpu_benchmark_small_run(tmp_path):
     by_method = {r[2]: r for r in rows}
     assert set(by_method) == {"naive", "trl", "liger", "drl"}
     assert by_method["naive"][6] == by_method["naive"][7] == by_method["naive"][8] == "1.00"
-    assert all(float(r[5]) > 0 for r in rows)
     data = json.loads(out.read_text())
+    assert all(r["time_s"] > 0 and r["peak_above_baseline_mb"] >= 0 for r in data["rows"])  # (the table rounds)
     losses = [r["loss"] for r in data["rows"]]  # the same GRPO loss on the same inputs, four ways
     assert max(losses) - min(losses) < 1e-5, losses
 
@@ -48,4 +48,4 @@ def test_gpu_benchmark_refuses_without_cuda_and_its_harness_runs_on_cpu():
                 "--methods", "naive", "drl_torch", "--iters", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, rows = _table(proc.stdout)
-    assert [r[1] for r in rows] == ["naive", "drl_torch"] and all(float(r[3]) > 0 for r in rows)
+    assert [r[1] for r in rows] == ["naive", "drl_torch"] and all(float(r[3]) >= 0 for r in rows)

@@ -176,6 +176,7 @@ class TorchFusedLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        backward_once(ctx)
         hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
         temperature, with_entropy, chunk_rows, vocab_block = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -253,11 +254,22 @@ def _stream_vocab_with_entropy(h, weight, bias, inv_t, vocab_block, need_h):
     return m, s, t, acc_w, acc_zw
 
 
+def backward_once(ctx) -> None:
+    """The saved per-row gradients are scaled in place by the backward (a second [N, H] fp32 buffer would be the
+    op's largest temporary at long contexts: 32k tokens x 4096 hidden = 512 MB), so the graph is walked back once;
+    a second backward (retain_graph=True) is this error, checked before autograd's own version check."""
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError(
+            "fused_token_logprobs: a second backward through the same forward (retain_graph=True) is not supported "
+            "(its saved per-row gradients are scaled in place); run the forward again, or use model.fused_logprob=off")
+    ctx.backward_done = True
+
+
 def hidden_grad(g_logp, g_ent, grad_h_logp, grad_h_ent, dtype):
-    """dL/dh = g_logp * dlogp/dh + g_H * dH/dh, from the per-row vectors the forward accumulated [N, H]."""
-    grad = g_logp[:, None] * grad_h_logp
+    """dL/dh = g_logp * dlogp/dh + g_H * dH/dh, from the per-row vectors the forward accumulated [N, H], in place."""
+    grad = grad_h_logp.mul_(g_logp[:, None])
     if g_ent is not None:
-        grad = grad + g_ent[:, None] * grad_h_ent
+        grad.addcmul_(grad_h_ent, g_ent[:, None])
     return grad.to(dtype)
 
 

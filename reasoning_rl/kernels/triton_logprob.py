@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reasoning_rl.kernels.fused_logprob import hidden_grad
+from reasoning_rl.kernels.fused_logprob import backward_once, hidden_grad
 
 CHUNK_ELEMENTS = 2**28
 
@@ -149,6 +149,7 @@ class TritonFusedLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
+        backward_once(ctx)
         hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
         temperature, with_entropy, R, block_v = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
