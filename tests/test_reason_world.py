@@ -208,8 +208,9 @@ def test_reasoning_gym_source_splits_and_verifier_reward(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the tiny LM
 
-# measured on the shipped model (see reasoning_rl/assets/tiny_lm/training_report.json); floors leave a margin
-ACCURACY_FLOOR = {1: 0.5, 2: 0.3}
+# measured on the shipped model with these 16 + 16 problems: 0.875 (1 step) and 0.625 (2 steps); the floors leave a
+# margin for other torch builds (greedy decoding of a few near-tied digits may differ) and fail a broken model
+ACCURACY_FLOOR = {1: 0.7, 2: 0.45}
 
 
 def test_the_shipped_tiny_lm_loads_and_solves_held_out_problems():
@@ -256,3 +257,22 @@ def test_pretrain_script_runs_and_writes_a_loadable_model(tmp_path):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name  # same seed, same budget: the same weights
     assert tokenizer.decode(tokenizer("<think>1+2=3</think>").input_ids) == "<think>1+2=3</think>"
+
+
+def test_reason_default_config_holds_out_the_pretraining_eval_set_and_trains(tmp_path):
+    from reasoning_rl.trainer import train
+    from reasoning_rl.world.pretrain import eval_problems
+
+    path = REPO / "configs" / "reason_default.yaml"
+    cfg = load_config(path)
+    assert cfg.model.pretrained == "builtin:tiny-arith-lm" and cfg.prompts.source == "world"
+    expected = eval_problems(50, seed=0)
+    assert [(r["prompt"], r["answer"]) for r in cfg.eval.problems] == [(p.prompt, str(p.answer)) for p in expected]
+    train_prompts = set(load_problems(cfg.prompts).prompts)
+    assert not train_prompts & {r["prompt"] for r in cfg.eval.problems}
+    short = load_config(path, [f"output_dir={tmp_path}", "num_steps=1", "rollout.prompts_per_step=2",
+                               "rollout.num_generations=2", "prompts.size=8", "train.micro_batch_size=4",
+                               f"eval.problems={json.dumps(cfg.eval.problems[::50])}"])
+    result = train(short)
+    assert set(result.eval_before) >= {"greedy_reward"} and result.eval_after is not None
+    assert len(result.history) == 1 and (tmp_path / "model" / "model.safetensors").is_file()

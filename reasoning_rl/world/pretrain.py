@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             clock_bound = True
             break
         progress = max(step / args.steps, elapsed / budget_s)
-        clock_bound = clock_bound or elapsed / budget_s > step / args.steps
+        clock_bound = clock_bound or (step >= args.warmup and elapsed / budget_s > step / args.steps)
         lr = lr_at(progress, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
