@@ -25,7 +25,7 @@ config_app = typer.Typer(help="Inspect reasoning configurations.", no_args_is_he
 app.add_typer(config_app, name="config")
 
 ConfigArg = Annotated[
-    Path | None, typer.Argument(help="YAML config (default: the shipped configs/reason_tiny.yaml).")
+    Path | None, typer.Argument(help="YAML config (default: the shipped configs/reason_default.yaml, GRPO on the arithmetic world).")
 ]
 
 
@@ -38,7 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def default_config() -> Path:
-    return Path(str(importlib.resources.files("diffusion_rl") / "configs" / "reason_tiny.yaml"))
+    return Path(str(importlib.resources.files("diffusion_rl") / "configs" / "reason_default.yaml"))
 
 
 def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | None = None):
