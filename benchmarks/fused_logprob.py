@@ -45,11 +45,48 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def make_step(method: str, h, w, ids, mask, advantages, backend: str = "torch", liger_compiled: bool = False):
+    """A no-argument callable returning the GRPO loss (clipped surrogate, dapo, on policy, beta 0) of hidden states
+    h [B, T, H] under the head w [V, H] computed by `method`: naive | trl | liger | drl (`backend` of the fused op).
+    Shared with gpu_fused_logprob.py."""
+    import torch
+
+    from diffusion_rl.core import grpo
+
+    def core_loss(logp):
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), advantages, mask, aggregation="dapo",
+                                 num_items_in_batch=mask.sum())
+        return loss
+
+    if method == "naive":
+        def step():
+            logits = (h @ w.T).float()  # [B, T, V]
+            return core_loss(torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1))
+    elif method == "trl":
+        from trl.trainer.utils import selective_log_softmax
+
+        def step():
+            return core_loss(selective_log_softmax((h @ w.T).float(), ids))
+    elif method == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        fn = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", compiled=liger_compiled, use_ref_model=False)
+
+        def step():
+            out = fn(h, w, ids, mask, advantages)
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        from reasoning_rl.kernels import fused_token_logprobs
+
+        def step():
+            return core_loss(fused_token_logprobs(h, w, ids, backend=backend)[0])
+    return step
+
+
 def child(method: str, tokens: int, vocab: int, hidden: int, head: str, reps: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from diffusion_rl.core import grpo
 
     gen = torch.Generator().manual_seed(0)
     B, T = tokens // SEQ_LEN, SEQ_LEN
@@ -61,34 +98,7 @@ def child(method: str, tokens: int, vocab: int, hidden: int, head: str, reps: in
     h = h0.clone().requires_grad_()
     w = w0.clone().requires_grad_(head == "trained")
 
-    def core_loss(logp):
-        loss, _ = grpo.grpo_loss(logp, logp.detach(), advantages, mask, aggregation="dapo",
-                                 num_items_in_batch=mask.sum())
-        return loss
-
-    if method == "naive":
-        def step():
-            logits = (h @ w.T).float()  # [B, T, V]
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
-            return core_loss(logp)
-    elif method == "trl":
-        from trl.trainer.utils import selective_log_softmax
-
-        def step():
-            return core_loss(selective_log_softmax((h @ w.T).float(), ids))
-    elif method == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        fn = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", compiled=False, use_ref_model=False)
-
-        def step():
-            out = fn(h, w, ids, mask, advantages)
-            return out[0] if isinstance(out, tuple) else out
-    else:
-        from reasoning_rl.kernels import fused_token_logprobs
-
-        def step():
-            return core_loss(fused_token_logprobs(h, w, ids, backend="torch")[0])
+    step = make_step(method, h, w, ids, mask, advantages)
 
     baseline = _rss_bytes()
     times, loss_value = [], None

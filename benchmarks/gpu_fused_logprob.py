@@ -36,8 +36,7 @@ SEQ_LEN = 1024
 
 def child(method, tokens, vocab, hidden, head, iters, device) -> dict:
     import torch
-
-    from diffusion_rl.core import grpo
+    from fused_logprob import make_step  # benchmarks/fused_logprob.py, beside this script
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -49,30 +48,10 @@ def child(method, tokens, vocab, hidden, head, iters, device) -> dict:
     mask = torch.ones(B, T, dtype=torch.long, device=device)
     advantages = torch.randn(B, device=device, generator=gen)
 
-    def core_loss(logp):
-        loss, _ = grpo.grpo_loss(logp, logp.detach(), advantages, mask, aggregation="dapo",
-                                 num_items_in_batch=mask.sum())
-        return loss
-
-    if method == "naive":
-        def step():
-            logits = (h @ w.T).float()
-            return core_loss(torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1))
-    elif method == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        fn = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", compiled=cuda, use_ref_model=False)
-
-        def step():
-            out = fn(h, w, ids, mask, advantages)
-            return out[0] if isinstance(out, tuple) else out
+    if method.startswith("drl_"):
+        step = make_step("drl", h, w, ids, mask, advantages, backend=method.removeprefix("drl_"))
     else:
-        from reasoning_rl.kernels import fused_token_logprobs
-
-        backend = "triton" if method == "drl_triton" else "torch"
-
-        def step():
-            return core_loss(fused_token_logprobs(h, w, ids, backend=backend)[0])
+        step = make_step(method, h, w, ids, mask, advantages, liger_compiled=cuda)
 
     def sync():
         if cuda:

@@ -176,18 +176,7 @@ class TorchFusedLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        backward_once(ctx)
-        hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
-        temperature, with_entropy, chunk_rows, vocab_block = ctx.config
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g_logp = g_logp.float()
-        g_ent = g_entropy.float() if with_entropy else None
-        grad_hidden = hidden_grad(g_logp, g_ent, grad_h_logp, grad_h_ent, hidden.dtype) if need_h else None
-        grad_weight = grad_bias = None
-        if need_w or need_b:
-            grad_weight, grad_bias = _head_grads(hidden, weight, bias, targets, ref_m, log_s, entropy, g_logp, g_ent,
-                                                 1.0 / temperature, chunk_rows, vocab_block, need_w, need_b)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return fused_backward(ctx, g_logp, g_entropy, _head_grads)
 
 
 # The two vocabulary streams of the forward. Both return (m, s, t, acc_w, acc_zw) for a chunk of R rows: a reference
@@ -252,6 +241,24 @@ def _stream_vocab_with_entropy(h, weight, bias, inv_t, vocab_block, need_h):
             acc_zw.mul_(scale[:, None]).addmm_(ez, w)
         m = m_new
     return m, s, t, acc_w, acc_zw
+
+
+def fused_backward(ctx, g_logp, g_entropy, head_grads):
+    """The backward both backends share: the hidden-state gradient from the per-row vectors the forward saved, and,
+    when the head is trainable, `head_grads(hidden, weight, bias, targets, ref_m, log_s, entropy, g_logp, g_ent,
+    inv_t, chunk_rows, block, need_w, need_b) -> (grad_weight, grad_bias)`, the backend's own tile recompute."""
+    backward_once(ctx)
+    hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
+    temperature, with_entropy, chunk_rows, block = ctx.config
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    g_logp = g_logp.float().contiguous()
+    g_ent = g_entropy.float().contiguous() if with_entropy else None
+    grad_hidden = hidden_grad(g_logp, g_ent, grad_h_logp, grad_h_ent, hidden.dtype) if need_h else None
+    grad_weight = grad_bias = None
+    if need_w or need_b:
+        grad_weight, grad_bias = head_grads(hidden, weight, bias, targets, ref_m, log_s, entropy, g_logp, g_ent,
+                                            1.0 / temperature, chunk_rows, block, need_w, need_b)
+    return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def backward_once(ctx) -> None:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reasoning_rl.kernels.fused_logprob import backward_once, hidden_grad
+from reasoning_rl.kernels.fused_logprob import fused_backward
 
 CHUNK_ELEMENTS = 2**28
 
@@ -149,31 +149,28 @@ class TritonFusedLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_entropy):
-        backward_once(ctx)
-        hidden, weight, bias, targets, ref_m, log_s, entropy, grad_h_logp, grad_h_ent = ctx.saved_tensors
-        temperature, with_entropy, R, block_v = ctx.config
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g_logp = g_logp.float().contiguous()
-        g_ent = g_entropy.float().contiguous() if with_entropy else None
-        grad_hidden = hidden_grad(g_logp, g_ent, grad_h_logp, grad_h_ent, hidden.dtype) if need_h else None
-        grad_weight = grad_bias = None
-        if need_w or need_b:
-            N, V = hidden.shape[0], weight.shape[0]
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-            for r0 in range(0, N, R):
-                r1 = min(r0 + R, N)
-                h = hidden[r0:r1].to(weight.dtype)
-                z = _chunk_logits(h, weight, bias)
-                _logprob_grad_kernel[(r1 - r0,)](
-                    z, z.stride(0), targets[r0:r1], ref_m[r0:r1], log_s[r0:r1],
-                    entropy[r0:r1] if with_entropy else log_s,
-                    g_logp[r0:r1], g_ent[r0:r1] if with_entropy else g_logp, V, 1.0 / temperature,
-                    WITH_ENT=with_entropy, BLOCK_V=block_v)
-                if need_w:
-                    grad_w += (z.T.to(h.dtype) @ h).float()
-                if need_b:
-                    grad_b += z.sum(0)
-            grad_weight = grad_w.to(weight.dtype) if need_w else None
-            grad_bias = grad_b.to(bias.dtype) if need_b else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return fused_backward(ctx, g_logp, g_entropy, _triton_head_grads)
+
+
+def _triton_head_grads(hidden, weight, bias, targets, ref_m, log_s, entropy, g_logp, g_ent, inv_t, R, block_v,
+                       need_w, need_b):
+    """Head weight [V, H] and bias [V] gradients: each row chunk's logits recomputed, the Triton kernel turning them
+    into dL/dz in place, one matmul with the chunk's hidden states."""
+    N, V = hidden.shape[0], weight.shape[0]
+    with_entropy = g_ent is not None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+    for r0 in range(0, N, R):
+        r1 = min(r0 + R, N)
+        h = hidden[r0:r1].to(weight.dtype)
+        z = _chunk_logits(h, weight, bias)
+        _logprob_grad_kernel[(r1 - r0,)](
+            z, z.stride(0), targets[r0:r1], ref_m[r0:r1], log_s[r0:r1],
+            entropy[r0:r1] if with_entropy else log_s,
+            g_logp[r0:r1], g_ent[r0:r1] if with_entropy else g_logp, V, inv_t,
+            WITH_ENT=with_entropy, BLOCK_V=block_v)
+        if need_w:
+            grad_w += (z.T.to(h.dtype) @ h).float()
+        if need_b:
+            grad_b += z.sum(0)
+    return (grad_w.to(weight.dtype) if need_w else None), (grad_b.to(bias.dtype) if need_b else None)
