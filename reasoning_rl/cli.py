@@ -42,12 +42,15 @@ def default_config() -> Path:
 
 
 def _load(config: Path | None, overrides: list[str] | None, output_dir: Path | None = None):
-    from reasoning_rl.config import load_config
+    """The config of the trainer the YAML names (`trainer:`, default grpo) and that trainer's module."""
+    from reasoning_rl import registry
 
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
-    return load_config(config if config is not None else default_config(), overrides)
+    path = config if config is not None else default_config()
+    module = registry.trainer_module(registry.trainer_name(path, overrides))
+    return module.load_config(path, overrides), module
 
 
 @app.command()
@@ -57,12 +60,10 @@ def train(
     output_dir: OutputDirOpt = None,
     resume: ResumeOpt = None,
 ) -> None:
-    """Fine-tune a language model with GRPO."""
+    """Fine-tune a language model: GRPO by default; the YAML's `trainer:` picks another method (glider, see)."""
     with user_errors(_user_errors()):
-        cfg = _load(config, set_, output_dir)
-        from reasoning_rl.trainer import train as run_training
-
-        run_training(cfg, resume=resume)
+        cfg, module = _load(config, set_, output_dir)
+        module.train(cfg, resume=resume)
 
 
 @app.command("eval")
@@ -77,10 +78,19 @@ def eval_(
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default: the run's, else 1).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 1234,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    task: Annotated[str | None, typer.Option(
+        "--task", help="A named evaluation instead of held-out problems: mathif, mmkc, satori, env:NAME, see "
+        "(reasoning_rl.registry.EVAL_TASKS).")] = None,
+    limit: Annotated[int | None, typer.Option(help="--task: evaluate at most this many problems / episodes.")] = None,
+    data: Annotated[Path | None, typer.Option(help="--task: a local copy of the task's released data (else procedural).")] = None,
 ) -> None:
-    """Greedy and sampled reward (the accuracy for a 0/1 reward), pass@num and mean length on held-out problems."""
+    """Greedy and sampled reward (the accuracy for a 0/1 reward), pass@num and mean length on held-out problems,
+    or (with --task) a named evaluation."""
     import json
 
+    if task is not None:
+        _eval_task(task, model_or_run, num, limit, seed, max_new_tokens, temperature, data, as_json)
+        return
     with user_errors(_user_errors()):
         import rewards
         from reasoning_rl.config import PromptsConfig, ReasonConfig
@@ -113,6 +123,23 @@ def eval_(
     typer.echo(f"{len(problems.prompts)} problems, {num} samples each, reward {reward_fn.name}, seed {seed}")
     for key, value in results.items():
         typer.echo(f"{key:<20} {value:>10.4f}")
+
+
+def _eval_task(task, model_or_run, num, limit, seed, max_new_tokens, temperature, data, as_json) -> None:
+    import json
+
+    from reasoning_rl import registry
+
+    with user_errors(_user_errors()):
+        options = registry.EvalOptions(num=num, limit=limit, seed=seed, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, data=data)
+        results = registry.run_eval_task(task, model_or_run, options)
+    if as_json:
+        typer.echo(json.dumps({"task": task, "seed": seed, "results": results}))
+        return
+    typer.echo(f"task {task}, seed {seed}")
+    for key, value in registry.flatten(results):
+        typer.echo(f"{key:<40} {value:>10.4f}" if isinstance(value, float) else f"{key:<40} {value!s:>10}")
 
 
 @app.command()
@@ -151,5 +178,5 @@ def config_show(
 ) -> None:
     """Print the resolved reasoning configuration (YAML) after defaults and overrides, or document every field."""
     with user_errors(_user_errors()):
-        cfg = _load(config, set_)
+        cfg, _ = _load(config, set_)
     show_config(cfg, doc)

@@ -301,6 +301,9 @@ class StageConfig(Section):
 class ReasonConfig(Section):
     """A full `drl reason train` run. Defaults train the tiny random LM in seconds."""
 
+    trainer: Literal["grpo"] = "grpo"
+    """Which trainer runs this YAML (reasoning_rl.registry): `grpo` here (GRPO and its variants: DAPO, Dr.GRPO,
+    PAD, LUFFY, staged); `glider` and `see` have their own configs."""
     seed: int = 42
     """Seed for prompts, sampling and shuffles (combined with the process index)."""
     num_steps: int = Field(4, ge=1)

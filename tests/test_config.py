@@ -16,8 +16,9 @@ from diffusion_rl.config import (
 )
 
 SHIPPED = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-CONFIGS = [p for p in SHIPPED if not p.name.startswith("reason_")]  # the diffusion trainer's
-REASON_CONFIGS = [p for p in SHIPPED if p.name.startswith("reason_")]
+# The reasoning trainers' YAMLs: named reason_*, or naming their trainer (glider, see) with a top-level `trainer:`.
+REASON_CONFIGS = [p for p in SHIPPED if p.name.startswith("reason_") or "trainer" in (yaml.safe_load(p.read_text()) or {})]
+CONFIGS = [p for p in SHIPPED if p not in REASON_CONFIGS]  # the diffusion trainer's
 runner = CliRunner()
 
 
@@ -38,10 +39,11 @@ def test_shipped_configs_exist():
 
 @pytest.mark.parametrize("path", REASON_CONFIGS, ids=[p.name for p in REASON_CONFIGS])
 def test_every_shipped_reasoning_config_validates(path):
-    from reasoning_rl.config import ReasonConfig
-    from reasoning_rl.config import load_config as load_reason_config
+    from reasoning_rl import registry
 
-    assert isinstance(load_reason_config(path), ReasonConfig)
+    name = registry.trainer_name(path)
+    cfg = registry.trainer_module(name).load_config(path, [])
+    assert cfg.trainer == name
 
 
 def test_every_shipped_config_is_validated_by_one_of_the_trainers():
