@@ -43,7 +43,7 @@ import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffusion_rl.models import byte_level_clip_tokenizer, prepare_trainable_unet, set_attention_backend
+from diffusion_rl.models import byte_level_clip_tokenizer, prepare_trainable_denoiser, set_attention_backend
 from diffusion_rl.sampling import Trajectories, recompute_log_prob, sample_trajectories
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -316,7 +316,7 @@ def measure_training(
     nxt = traj.next_latents[idx, :K]  # [b, K, 4, h, w]
     ts = traj.timesteps[idx, :K]  # [b, K]
     old_lp = traj.log_probs[idx, :K]  # [b, K] fp32
-    pe, ne = traj.prompt_embeds[idx], traj.negative_embeds[idx]  # [b, 77, D]
+    cond = {k: v[idx] for k, v in traj.cond.items()}  # [b, 77, D] prompt / negative embeddings
     adv = torch.randn(args.train_batch, generator=torch.Generator().manual_seed(0)).to(device)  # [b]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     use_scaler = dtype == torch.float16 and device.type == "cuda"
@@ -327,7 +327,7 @@ def measure_training(
         finite = True
         for j in range(K):
             with autocast():
-                out = recompute_log_prob(pipe, pipe.unet, lat[:, j], nxt[:, j], ts[:, j], pe, ne, GUIDANCE_SCALE, ETA)
+                out = recompute_log_prob(pipe, pipe.unet, lat[:, j], nxt[:, j], ts[:, j], cond, GUIDANCE_SCALE, ETA)
             ratio = torch.exp(out.log_prob - old_lp[:, j])  # [b] fp32
             clipped = torch.clamp(ratio, 1 - 1e-4, 1 + 1e-4)
             loss = torch.maximum(-adv * ratio, -adv * clipped).mean() / K  # scalar
@@ -380,7 +380,7 @@ def run_cell(sizes: Sizes, dtype_name: str, backend: str, args: argparse.Namespa
     log(f"{dtype_name}+{backend}: building the {sizes.name} pipeline")
     pipe = build_pipeline(sizes, args.resolution, device, dtype)
     set_attention_backend(pipe.unet, backend)  # drl's order: attention processors, then LoRA
-    params = prepare_trainable_unet(pipe, True, args.lora_rank, float(args.lora_rank), LORA_TARGETS)  # fp32 LoRA
+    params = prepare_trainable_denoiser(pipe, True, args.lora_rank, float(args.lora_rank), LORA_TARGETS)  # fp32 LoRA
     row.trainable_params = sum(p.numel() for p in params)
     autocast = autocast_factory(device, dtype)
     log(f"{dtype_name}+{backend}: sampling ({args.warmup} warm-up + {args.iters} timed)")

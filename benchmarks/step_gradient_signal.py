@@ -40,7 +40,7 @@ def step_signal(pipe, prompt: str, samples: int, seed: int, steps: int = 10, gui
         p.requires_grad_(True)
     sched.set_timesteps(steps)
     prompts = [prompt] * samples
-    pe, ne = encode_prompts(pipe, prompts, "")
+    cond = encode_prompts(pipe, prompts, "")
     gens = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(samples)]
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]) * sched.init_noise_sigma  # [B, C, h, w]
@@ -53,7 +53,7 @@ def step_signal(pipe, prompt: str, samples: int, seed: int, steps: int = 10, gui
     states, actions = [], []
     for t in sched.timesteps:
         tb = t.expand(samples)
-        out = ddim_step_with_logprob(sched, guided_noise(unet, x, tb, pe, ne, guidance), tb, x, eta=eta,
+        out = ddim_step_with_logprob(sched, guided_noise(pipe, unet, x, tb, cond, guidance), tb, x, eta=eta,
                                      generator=gens)
         states.append(x.detach())
         actions.append(out.prev_sample.detach())
@@ -69,7 +69,7 @@ def step_signal(pipe, prompt: str, samples: int, seed: int, steps: int = 10, gui
     per_step = []
     for k, t in enumerate(sched.timesteps):
         unet.zero_grad()
-        lp = recompute_log_prob(pipe, unet, states[k], actions[k], t.expand(samples), pe, ne, guidance, eta).log_prob
+        lp = recompute_log_prob(pipe, unet, states[k], actions[k], t.expand(samples), cond, guidance, eta).log_prob
         (-(adv * lp).mean()).backward()
         per_step.append(flat_grad(-1.0))  # ascent direction
 

@@ -113,7 +113,7 @@ def sample(
         paths = sample_images(
             pipe, prompt, num, out, seed,
             steps or defaults.get("num_steps", 20), guidance_scale or defaults.get("guidance_scale", 5.0),
-            defaults.get("negative_prompt", ""),
+            defaults.get("negative_prompt", ""), family=defaults["family"],
         )
         typer.echo(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
@@ -151,10 +151,12 @@ def eval_(
         if not names or names == [None]:
             raise rewards.RewardError("no reward to evaluate: pass --reward NAME (see `drl reward list`)")
         fns = [rewards.load(n) for n in names]
+        family = defaults["family"]
         results, images, _ = evaluate(
-            pipe, pipe.unet, prompt_list, fns, seed, num, steps or defaults.get("num_steps", 20),
+            pipe, family.denoiser(pipe), prompt_list, fns, seed, num, steps or defaults.get("num_steps", 20),
             guidance_scale or defaults.get("guidance_scale", 5.0), defaults.get("eta", 1.0),
             negative_prompt=defaults.get("negative_prompt", ""),  # what the trainer's evaluation uses
+            family=family, rule=defaults["rule"],
         )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,12 @@ from diffusion_rl.core.config import Section as _Section
 
 class ModelConfig(_Section):
     pretrained: str = "builtin:tiny-random"
-    """Stable Diffusion 1.x/2.x pipeline: a hub id (e.g. `runwayml/stable-diffusion-v1-5`), a local directory
-    holding `model_index.json`, `builtin:tiny-random` (a tiny randomly initialised pipeline built offline) or
-    `builtin:tiny-shapes` (the tiny pretrained shapes-world model shipped with drl)."""
+    """A StableDiffusion (1.x/2.x), StableDiffusionXL, StableDiffusion3 (3 / 3.5) or Flux (FLUX.1) pipeline: a hub id
+    (e.g. `runwayml/stable-diffusion-v1-5`, `stabilityai/stable-diffusion-3.5-medium`), a local directory holding
+    `model_index.json` (the family follows its `_class_name`: SD and SDXL train on the DDIM MDP, SD3 and FLUX on
+    the rectified-flow SDE MDP), `builtin:tiny-random` / `tiny-random-sdxl` / `tiny-random-sd3` / `tiny-random-flux`
+    (tiny randomly initialised pipelines built offline), or the shipped shapes-world models `builtin:tiny-shapes`
+    (DDIM UNet) and `builtin:tiny-shapes-flow` (rectified-flow SD3-style transformer)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
     local_files_only: bool = False
@@ -39,17 +42,23 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype of the frozen weights (UNet base, VAE, text encoder). Trainable parameters are always fp32."""
     use_lora: bool = True
-    """Train LoRA adapters (peft) on the UNet; false fine-tunes the whole UNet."""
+    """Train LoRA adapters (peft) on the denoiser (UNet or transformer); false fine-tunes all of it."""
     lora_rank: int = Field(4, ge=1)
     """LoRA rank r."""
     lora_alpha: float = Field(4.0, gt=0)
     """LoRA alpha (scale = alpha / r)."""
     lora_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
-    """UNet module names that receive LoRA adapters (attention projections by default)."""
+    """Denoiser module names that receive LoRA adapters (attention projections by default; on SD3 / FLUX add
+    add_q_proj, add_k_proj, add_v_proj, to_add_out for the text stream)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch scaled-dot-product attention, or xformers (CUDA with xformers installed only)."""
+    max_sequence_length: int | None = Field(None, ge=1)
+    """T5 tokens per prompt for SD3 / FLUX (the pipelines' max_sequence_length); None = what a built-in model was
+    trained with, else the pipeline's default (SD3 256, FLUX 512)."""
+    gradient_checkpointing: bool = False
+    """Recompute the denoiser's activations in the backward pass (large transformers; ~30 % more compute)."""
     seed: int = 0
-    """Seed of the weights of `builtin:tiny-random` (ignored for other models)."""
+    """Seed of the weights of `builtin:tiny-random*` (ignored for other models)."""
 
 
 class SampleConfig(_Section):
@@ -58,7 +67,18 @@ class SampleConfig(_Section):
     guidance_scale: float = Field(5.0, ge=1.0)
     """Classifier-free guidance weight w (1 disables guidance); also used when recomputing log-probs."""
     eta: float = Field(1.0, gt=0)
-    """DDIM eta; must be > 0 so each step is a Gaussian policy with a finite log-probability."""
+    """DDIM eta (SD, SDXL); must be > 0 so each step is a Gaussian policy with a finite log-probability."""
+    noise_level: float = Field(0.7, gt=0)
+    """Flow models (SD3, FLUX): the SDE noise level a of Flow-GRPO's step, sigma_t = a sqrt(t / (1 - t))."""
+    sde_window_size: int | None = Field(None, ge=1)
+    """Flow models: only this many consecutive steps are SDE steps (sampled and trained), ODE elsewhere
+    (Flow-GRPO-Fast / MixGRPO); None = every step is an SDE step."""
+    sde_window_range: tuple[int, int] | None = None
+    """Flow models with sde_window_size: the window starts at a step drawn each epoch from [lo, hi - size]
+    (seeded, the same on every process); None = (0, num_steps)."""
+    timestep_shift: float | None = Field(None, gt=0)
+    """Flow models: the static timestep shift of the scheduler (SD3 ships 3.0); None = the pipeline's own. FLUX
+    shifts by resolution and rejects an override."""
     batch_size: int = Field(8, ge=1)
     """Trajectories sampled per process per sampling batch."""
     num_batches_per_epoch: int = Field(2, ge=1)
@@ -143,6 +163,10 @@ class TrainConfig(_Section):
     """Upper clip range (defaults to clip_range)."""
     loss_aggregation: Literal["seq_mean", "token_mean", "constant"] = "token_mean"
     """How per-step losses are averaged (see diffusion_rl.grpo.policy_loss)."""
+    guidance_scale: float | None = Field(None, ge=1.0)
+    """Classifier-free guidance when recomputing log-probs for training; None = sample.guidance_scale (on-policy).
+    1 trains the conditional model alone while sampling with guidance (Flow-GRPO's CFG-free training): the ratio
+    then starts away from 1, so pair it with a wider clip_range."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of a KL penalty to the reference (the UNet with LoRA disabled); needs use_lora."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -201,7 +225,8 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
 
     def num_train_timesteps(self) -> int:
-        return int((self.sample.num_steps - self.train.skip_final_steps) * self.train.timestep_fraction)
+        trainable = self.sample.sde_window_size or (self.sample.num_steps - self.train.skip_final_steps)
+        return int(trainable * self.train.timestep_fraction)
 
     def num_optimizer_steps(self) -> int:
         """Optimizer steps in the whole run (the same on every process): the lr schedule's length."""
@@ -261,6 +286,18 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"train.timestep_fraction ({t.timestep_fraction}) x sample.num_steps ({s.num_steps}) trains no step; "
             f"raise it to at least {1 / s.num_steps:.3g}"
         )
+    if s.sde_window_size is not None:
+        lo, hi = s.sde_window_range or (0, s.num_steps)
+        if not 0 <= lo < hi <= s.num_steps or hi - lo < s.sde_window_size:
+            problems.append(
+                f"sample.sde_window_range {s.sde_window_range} must satisfy 0 <= lo < hi <= sample.num_steps "
+                f"({s.num_steps}) with hi - lo >= sample.sde_window_size ({s.sde_window_size}); e.g. (0, {s.num_steps})"
+            )
+        if t.skip_final_steps:
+            problems.append(f"train.skip_final_steps ({t.skip_final_steps}) with sample.sde_window_size: the window "
+                            "alone decides the trained steps; set train.skip_final_steps=0")
+    elif s.sde_window_range is not None:
+        problems.append(f"sample.sde_window_range {s.sde_window_range} needs sample.sde_window_size")
     if t.timestep_selection == "all" and t.timestep_fraction != 1.0:
         problems.append(
             f"train.timestep_selection=all trains every step but train.timestep_fraction is {t.timestep_fraction}; "
@@ -273,7 +310,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             f"x {total_updates // cfg.num_epochs} updates = {total_updates}); use at most {total_updates}"
         )
     if t.kl_coef > 0 and not cfg.model.use_lora:
-        problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the UNet with LoRA disabled)")
+        problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the denoiser with LoRA disabled)")
     if c.kind == "coca" and c.stage2 == "paper" and c.buffer_size % 2:
         problems.append(
             f"credit.buffer_size ({c.buffer_size}) must be even with credit.stage2=paper: the published buffer stores "

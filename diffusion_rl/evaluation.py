@@ -32,8 +32,20 @@ def evaluate(
     eta: float = 1.0,
     batch_size: int = 16,
     negative_prompt: str = "",
+    *,
+    family=None,
+    rule=None,
 ) -> tuple[dict[str, dict[str, float]], torch.Tensor, list[str]]:
-    """Returns ({reward name: {"mean", "std", "n"} plus any scalar info means}, images [N, 3, H, W], prompts)."""
+    """Returns ({reward name: {"mean", "std", "n"} plus any scalar info means}, images [N, 3, H, W], prompts).
+
+    DDIM models sample with the training policy (eta); flow models with the ODE (every step deterministic), which
+    is what their pipelines sample."""
+    from diffusion_rl.families import family_of
+    from diffusion_rl.sampling import default_rule
+
+    family = family or family_of(pipe)
+    rule = rule or default_rule(family, eta)
+    ode = torch.zeros(num_steps, dtype=torch.bool) if rule.kind == "flow" else None
     was_training = unet.training
     unet.eval()
     expanded = [p for p in prompts for _ in range(images_per_prompt)]
@@ -42,7 +54,7 @@ def evaluate(
     for i in range(0, len(expanded), batch_size):
         traj = sample_trajectories(
             pipe, unet, expanded[i : i + batch_size], gens[i : i + batch_size], num_steps, guidance_scale, eta,
-            negative_prompt,
+            negative_prompt, family=family, rule=rule, stochastic_steps=ode,
         )
         images.append(traj.images.cpu())
     images_t = torch.cat(images)

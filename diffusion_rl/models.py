@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion pipelines, the tiny offline pipeline, LoRA (peft) and saving trained weights.
+"""Loading diffusion pipelines (SD 1.x/2.x, SDXL, SD3, FLUX), the tiny offline pipelines, LoRA (peft) and saving.
 
 Model code only: knows nothing of the CLI or the trainer loop.
 """
@@ -19,7 +19,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).parent / "assets"
-BUILTIN_MODELS = {"tiny-random": None, "tiny-shapes": ASSETS / "tiny-shapes"}
+BUILTIN_MODELS = {
+    "tiny-random": None,  # built from configs (SD-style); the tiny-random-* below likewise (tiny_pipelines.py)
+    "tiny-random-sdxl": None,
+    "tiny-random-sd3": None,
+    "tiny-random-flux": None,
+    "tiny-shapes": ASSETS / "tiny-shapes",  # shipped: the shapes world's DDIM model (world/pretrain.py)
+    "tiny-shapes-flow": ASSETS / "tiny-shapes-flow",  # shipped: its rectified-flow SD3-style model (world/pretrain_flow.py)
+}
+# T5 tokens the built-in flow models were trained / are built with (their pipelines' max_sequence_length)
+BUILTIN_MAX_SEQUENCE_LENGTH = {"tiny-shapes-flow": 4, "tiny-random-sd3": 8, "tiny-random-flux": 8}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -135,22 +144,38 @@ def resolve_builtin(name: str) -> Path | None:
     return path
 
 
+def builtin_max_sequence_length(pretrained: str) -> int | None:
+    return BUILTIN_MAX_SEQUENCE_LENGTH.get(pretrained[len(BUILTIN_PREFIX):]) if pretrained.startswith(BUILTIN_PREFIX) else None
+
+
+def _build_builtin(key: str, seed: int):
+    if key == "tiny-random":
+        return build_tiny_pipeline(seed)
+    from diffusion_rl.tiny_pipelines import TINY_BUILDERS
+
+    return TINY_BUILDERS[key](seed)
+
+
 def load_pipeline(
     pretrained: str,
     revision: str | None = None,
     dtype: str = "float32",
     local_files_only: bool = False,
     seed: int = 0,
-) -> StableDiffusionPipeline:
-    """Load an SD1.x/SD2.x-style pipeline from a hub id, a local directory or a `builtin:` name.
+):
+    """Load a StableDiffusion / StableDiffusionXL / StableDiffusion3 / Flux pipeline from a hub id, a local directory
+    or a `builtin:` name; the family follows the pipeline's model_index.json.
 
-    The scheduler is always a DDIMScheduler built from the pipeline's scheduler config (DDPO's policy).
+    DDIM families (SD, SDXL) always sample with a DDIMScheduler built from the pipeline's scheduler config (DDPO's
+    policy); flow families keep their FlowMatchEulerDiscreteScheduler (with its shift).
     """
+    from diffusion_rl.families import PIPELINE_FAMILY
+
     torch_dtype = DTYPES[dtype]
     if pretrained.startswith(BUILTIN_PREFIX):
         path = resolve_builtin(pretrained)
         if path is None:
-            pipe = build_tiny_pipeline(seed)
+            pipe = _build_builtin(pretrained[len(BUILTIN_PREFIX):], seed)
             pipe.to(dtype=torch_dtype)
             return pipe
         pretrained = str(path)
@@ -158,24 +183,44 @@ def load_pipeline(
     if local.exists() and not (local / "model_index.json").is_file():
         raise ModelLoadError(
             f"model path {pretrained!r} exists but has no model_index.json; pass a directory saved with "
-            "StableDiffusionPipeline.save_pretrained or a hub id"
+            "the pipeline's save_pretrained or a hub id"
         )
+    index = _model_index(pretrained, revision, local_files_only)
+    class_name = index["_class_name"]
+    if class_name not in PIPELINE_FAMILY:
+        raise ModelLoadError(
+            f"{pretrained!r} is a {class_name}; drl trains {', '.join(sorted(PIPELINE_FAMILY))} pipelines"
+        )
+    import diffusers
+
+    # diffusers wants the optional components the index lists as null (no T5, no image encoder) named as None
+    absent = {name: None for name, value in index.items() if isinstance(value, list) and value[0] is None}
+    if class_name == "StableDiffusionPipeline":
+        absent.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            pretrained,
-            revision=revision,
-            torch_dtype=torch_dtype,
-            local_files_only=local_files_only,
-            safety_checker=None,
-            requires_safety_checker=False,
+        pipe = getattr(diffusers, class_name).from_pretrained(
+            pretrained, revision=revision, torch_dtype=torch_dtype, local_files_only=local_files_only, **absent,
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"could not load a Stable Diffusion pipeline from {pretrained!r} (revision={revision}): {err}\n"
+            f"could not load a {class_name} from {pretrained!r} (revision={revision}): {err}\n"
             "Pass a local directory containing model_index.json, a reachable hub id, or builtin:tiny-random."
         ) from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if PIPELINE_FAMILY[class_name] in ("sd", "sdxl"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
+
+
+def _model_index(pretrained: str, revision: str | None, local_files_only: bool) -> dict:
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(pretrained, revision=revision, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"could not load a diffusion pipeline from {pretrained!r} (revision={revision}): {err}\n"
+            "Pass a local directory containing model_index.json, a reachable hub id, or builtin:tiny-random."
+        ) from None
 
 
 def set_attention_backend(unet: UNet2DConditionModel, backend: str) -> None:
@@ -201,69 +246,68 @@ def set_attention_backend(unet: UNet2DConditionModel, backend: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_trainable_unet(
-    pipe: StableDiffusionPipeline,
+def prepare_trainable_denoiser(
+    pipe,
     use_lora: bool,
     rank: int,
     alpha: float,
     target_modules: list[str],
 ) -> list[torch.nn.Parameter]:
-    """Freeze everything but the trained part; LoRA through peft or the full UNet. Trainable params are fp32."""
+    """Freeze everything but the denoiser (UNet or transformer); LoRA through peft on it, or all of it. Trainable
+    params are fp32."""
     from peft import LoraConfig
 
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    unet = pipe.unet
+    from diffusion_rl.families import family_of
+
+    family = family_of(pipe)
+    for module in family.frozen_modules(pipe):
+        module.requires_grad_(False).eval()  # frozen and deterministic (no dropout in the text encoders)
+    denoiser = family.denoiser(pipe)
     if use_lora:
-        unet.requires_grad_(False)
+        denoiser.requires_grad_(False)
         config = LoraConfig(
             r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules)
         )
         try:
-            unet.add_adapter(config)
+            denoiser.add_adapter(config)
         except ValueError as err:
             raise ModelLoadError(
-                f"model.lora_target_modules={target_modules} matched no UNet module ({err}); "
+                f"model.lora_target_modules={target_modules} matched no {family.denoiser_attr} module ({err}); "
                 "use names such as to_q, to_k, to_v, to_out.0"
             ) from None
     else:
-        unet.requires_grad_(True)
-    params = [p for p in unet.parameters() if p.requires_grad]
+        denoiser.requires_grad_(True)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     for p in params:
         # fp16/bf16 trainable params break GradScaler and lose small updates: keep them fp32.
         p.data = p.data.float()
     return params
 
 
-def trainable_state_dict(unet: UNet2DConditionModel, use_lora: bool) -> dict[str, torch.Tensor]:
-    """The trained weights only (LoRA adapters, or the whole UNet), detached fp32 copies on CPU."""
+def trainable_state_dict(denoiser: torch.nn.Module, use_lora: bool) -> dict[str, torch.Tensor]:
+    """The trained weights only (LoRA adapters, or the whole UNet / transformer), detached fp32 copies on CPU."""
     if use_lora:
         from peft.utils import get_peft_model_state_dict
 
-        sd = get_peft_model_state_dict(unet)
+        sd = get_peft_model_state_dict(denoiser)
     else:
-        sd = unet.state_dict()
+        sd = denoiser.state_dict()
     return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
-def save_trained_weights(unet: UNet2DConditionModel, use_lora: bool, out_dir: str | Path) -> Path:
-    """LoRA: a directory `StableDiffusionPipeline.load_lora_weights(dir)` loads in plain diffusers.
-    Full fine-tune: `unet/` saved with save_pretrained (safetensors)."""
+def save_trained_weights(denoiser: torch.nn.Module, use_lora: bool, out_dir: str | Path, family: str = "sd") -> Path:
+    """LoRA: a directory the family's plain diffusers pipeline loads with `load_lora_weights(dir)`.
+    Full fine-tune: `unet/` or `transformer/` saved with save_pretrained (safetensors)."""
+    import diffusers
+
+    from diffusion_rl.families import FAMILIES, PIPELINE_FAMILY
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fam = FAMILIES[family]()
     if use_lora:
-        from peft.utils import get_peft_model_state_dict
-
-        # peft's own key names (lora_A / lora_B), which diffusers loads for Linear and Conv2d alike. (Its
-        # convert_state_dict_to_diffusers renames only attention keys; a file mixing both naming schemes
-        # loads the conv adapters and silently drops the attention ones.) The adapter metadata carries
-        # rank and alpha, so the loaded scaling is alpha / rank as trained.
-        StableDiffusionPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers=get_peft_model_state_dict(unet),
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            safe_serialization=True,
-        )
+        pipe_class = getattr(diffusers, next(c for c, f in PIPELINE_FAMILY.items() if f == family))
+        fam.save_lora(pipe_class, denoiser, out_dir)
         return out_dir
-    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
-    return out_dir / "unet"
+    denoiser.save_pretrained(out_dir / fam.denoiser_attr, safe_serialization=True)
+    return out_dir / fam.denoiser_attr

@@ -58,14 +58,16 @@ from diffusion_rl.core.run import (  # noqa: F401  (NonFiniteTrainingError, Resu
     versions,
 )
 from diffusion_rl.evaluation import eval_prompts_from, evaluate
+from diffusion_rl.families import Family, family_of
 from diffusion_rl.models import (
+    builtin_max_sequence_length,
     load_pipeline,
-    prepare_trainable_unet,
+    prepare_trainable_denoiser,
     save_trained_weights,
     set_attention_backend,
 )
 from diffusion_rl.prompts import PromptSampler, PromptSet, load_prompts
-from diffusion_rl.sampling import Trajectories, recompute_log_prob, sample_trajectories
+from diffusion_rl.sampling import DDIMRule, FlowRule, Trajectories, default_rule, recompute_log_prob, sample_trajectories
 from diffusion_rl.tb import Writer, grid_cells, image_grid, labelled_grid, side_by_side
 
 EVAL_GRID_IMAGES, EVAL_GRID_COLUMNS = 64, 8  # images/eval_<tag>.png: the first 64 eval images, 8 per row
@@ -80,7 +82,7 @@ class TrainResult:
     weights_dir: Path | None = None
     eval_before: dict | None = None
     eval_after: dict | None = None
-    pipeline: object | None = None  # the StableDiffusionPipeline with the trained UNet, ready to sample
+    pipeline: object | None = None  # the diffusers pipeline with the trained denoiser, ready to sample
     process_index: int = 0
 
 
@@ -91,8 +93,10 @@ class Run(ProcessInfo):
     cfg: RunConfig
     out: Path
     accelerator: Accelerator
-    pipe: object  # StableDiffusionPipeline; pipe.unet is the raw (unwrapped) UNet
-    unet: torch.nn.Module  # the accelerate-prepared UNet that runs the forward (DDP syncs its LoRA grads)
+    pipe: object  # the diffusers pipeline; family.denoiser(pipe) is the raw (unwrapped) UNet / transformer
+    family: Family  # sd / sdxl (DDIM MDP) or sd3 / flux (flow MDP): conditioning, model call, latents
+    rule: DDIMRule | FlowRule  # the stochastic step and its log-prob
+    denoiser: torch.nn.Module  # the accelerate-prepared UNet / transformer that runs the forward (DDP syncs its grads)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -200,7 +204,10 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     set_seed(cfg.seed, device_specific=True)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    pipe, unet, params, optimizer, lr_scheduler = _setup_model_and_optimizer(cfg, accelerator)
+    pipe, family, denoiser, params, optimizer, lr_scheduler = _setup_model_and_optimizer(cfg, accelerator)
+    s = cfg.sample
+    rule = default_rule(family, s.eta, s.noise_level, s.timestep_shift)
+    _check_family_options(cfg, family)
     guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, cfg.train.max_grad_norm,
                                cfg.train.max_consecutive_nonfinite)
     reward_fn = cfg.reward.build() if reward_fn is None else rewards.as_reward(reward_fn)
@@ -213,7 +220,8 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
                 for name in (component_weights or {"reward": 1.0})}
     out = Path(cfg.output_dir)
     return Run(
-        cfg=cfg, out=out, accelerator=accelerator, pipe=pipe, unet=unet, params=params, optimizer=optimizer,
+        cfg=cfg, out=out, accelerator=accelerator, pipe=pipe, family=family, rule=rule, denoiser=denoiser,
+        params=params, optimizer=optimizer,
         lr_scheduler=lr_scheduler, guard=guard, ema=EMA(params, cfg.train.ema_decay) if cfg.train.ema else None,
         reward_fn=reward_fn, eval_reward=_load_eval_reward(cfg, reward_fn), assigner=assigner,
         prompt_set=prompt_set,
@@ -229,19 +237,50 @@ def _setup_model_and_optimizer(cfg: RunConfig, accelerator: Accelerator):
     pipe = load_pipeline(m.pretrained, m.revision, m.dtype, m.local_files_only, m.seed)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
-    set_attention_backend(pipe.unet, m.attention)
-    params = prepare_trainable_unet(pipe, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules)
+    family = family_of(pipe, m.max_sequence_length or builtin_max_sequence_length(m.pretrained))
+    raw = family.denoiser(pipe)
+    set_attention_backend(raw, m.attention)
+    params = prepare_trainable_denoiser(pipe, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules)
+    if m.gradient_checkpointing:
+        raw.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     # Prepare the module that owns the LoRA parameters *and* runs the forward, so DDP syncs them.
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    denoiser, optimizer = accelerator.prepare(raw, optimizer)
     # Not handed to accelerate (whose wrapper steps it once per process): the lr is a function of the global
     # step, stepped after each optimizer step and fast-forwarded on resume.
     lr_scheduler = get_scheduler(
         "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
         num_warmup_steps=t.lr_warmup_steps, num_training_steps=cfg.num_optimizer_steps(),
     )
-    return pipe, unet, params, optimizer, lr_scheduler
+    return pipe, family, denoiser, params, optimizer, lr_scheduler
+
+
+def _check_family_options(cfg: RunConfig, family: Family) -> None:
+    """Options that only one MDP has, refused where the loaded model has the other (the family is known only
+    once the pipeline's index is read)."""
+    s, problems = cfg.sample, []
+    if family.mdp == "ddim":
+        for name in ("sde_window_size", "timestep_shift"):
+            if getattr(s, name) is not None:
+                problems.append(f"sample.{name}={getattr(s, name)} is for flow models (SD3, FLUX); "
+                                f"{cfg.model.pretrained} is a {family.name} model on the DDIM MDP: unset it")
+    if problems:
+        from diffusion_rl.config import ConfigError
+
+        raise ConfigError(problems)
+
+
+def sde_window(cfg: RunConfig, epoch: int) -> tuple[int, int]:
+    """The epoch's trained steps [lo, hi): an SDE window drawn per epoch (the same on every process) for
+    Flow-GRPO-Fast, else every step but the skipped final ones."""
+    s = cfg.sample
+    if s.sde_window_size is None:
+        return 0, s.num_steps - cfg.train.skip_final_steps
+    lo, hi = s.sde_window_range or (0, s.num_steps)
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 0, 2_000_000))
+    start = int(torch.randint(lo, hi - s.sde_window_size + 1, (1,), generator=g))
+    return start, start + s.sde_window_size
 
 
 def restore(run: Run, resume: str | None) -> None:
@@ -272,9 +311,9 @@ def print_startup(run: Run) -> None:
         f"{run.steps_trained}/{run.num_steps} | updates/epoch {geo['updates_per_epoch']} | effective batch "
         f"{geo['effective_batch_trajectories']} trajectories = {geo['effective_batch_transitions']} transitions"
     )
-    adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else "full UNet"
+    adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else f"full {run.family.denoiser_attr}"
     print(
-        f"[drl] model {cfg.model.pretrained} | {adapter} | {trainable:,} trainable params | reward "
+        f"[drl] model {cfg.model.pretrained} ({run.family.name}, {run.family.mdp} MDP) | {adapter} | {trainable:,} trainable params | reward "
         f"{run.reward_fn.name} | credit {getattr(run.assigner, 'name', 'custom')}"
         + (f" | EMA decay {cfg.train.ema_decay}" if run.ema else "")
     )
@@ -300,7 +339,10 @@ def sample_epoch(run: Run, epoch: int, scorer: rewards.AsyncScorer | None) -> Ep
     """Sample this process's trajectories for `epoch`, score them, and gather the rewards of all processes."""
     cfg, K = run.cfg, run.cfg.sample.images_per_prompt
     t_start = time.perf_counter()
-    run.unet.eval()
+    run.denoiser.eval()
+    lo, hi = sde_window(cfg, epoch)
+    stochastic = torch.zeros(run.num_steps, dtype=torch.bool)
+    stochastic[lo:hi if cfg.sample.sde_window_size else run.num_steps] = True  # SDE steps; ODE outside a window
     batches = run.sampler.epoch_indices(epoch, cfg.sample.num_batches_per_epoch, cfg.sample.batch_size // K)
     trajectories, pending, prompts_local = [], [], []
     for b, prompt_ids in enumerate(tqdm(batches, desc=f"epoch {epoch} sampling", disable=not run.main, leave=False)):
@@ -309,8 +351,9 @@ def sample_epoch(run: Run, epoch: int, scorer: rewards.AsyncScorer | None) -> Ep
         generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, run.rank, b, j))
                       for j in range(len(prompts))]
         batch = sample_trajectories(
-            run.pipe, run.unet, prompts, generators, run.num_steps, cfg.sample.guidance_scale, cfg.sample.eta,
-            cfg.sample.negative_prompt, autocast=run.accelerator.autocast,
+            run.pipe, run.denoiser, prompts, generators, run.num_steps, cfg.sample.guidance_scale, cfg.sample.eta,
+            cfg.sample.negative_prompt, autocast=run.accelerator.autocast, family=run.family, rule=run.rule,
+            stochastic_steps=stochastic,
         )
         images = batch.images.cpu()
         # Score in the worker thread while the next batch samples (or right away when overlap is off).
@@ -393,16 +436,20 @@ def compute_advantages(run: Run, samples: EpochSamples, epoch: int):
 
 
 def training_view(
-    samples: Trajectories, step_adv: torch.Tensor, k: int, selection: str, generator: torch.Generator
+    samples: Trajectories, step_adv: torch.Tensor, k: int, selection: str, generator: torch.Generator,
+    first_step: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Shuffle samples, then choose and shuffle k steps per sample. Everything indexed by (sample, step)
     moves together, so each trained pair keeps its own latents, timestep, old log-prob and advantage.
 
-    step_adv [N, T] is in true sampling order; returns tensors [N, k, ...] plus `perm` [N], `steps` [N, k].
+    step_adv [N, W] is in true sampling order and covers the trainable steps first_step .. first_step + W - 1 (a
+    flow model's SDE window; else steps 0 ..); returns tensors [N, k, ...] plus `perm` [N], `steps` [N, k] (true
+    step indices).
     """
     n = len(samples)
     perm = torch.randperm(n, generator=generator)  # [N] shuffle samples
-    steps = credit.select_steps(step_adv[perm], k, selection, generator)  # [N, k] true step indices, shuffled
+    chosen = credit.select_steps(step_adv[perm], k, selection, generator)  # [N, k] indices into the window
+    steps = chosen + first_step  # [N, k] true step indices, shuffled
     rows = perm[:, None]
     return {
         "perm": perm,
@@ -410,10 +457,10 @@ def training_view(
         "latents": samples.latents[rows, steps],  # [N, k, C, h, w]
         "next_latents": samples.next_latents[rows, steps],
         "timesteps": samples.timesteps[rows, steps],  # [N, k]
+        "next_timesteps": samples.next_timesteps[rows, steps],
         "log_probs": samples.log_probs[rows, steps],
-        "advantages": step_adv[rows, steps],
-        "prompt_embeds": samples.prompt_embeds[perm],  # [N, L, D]
-        "negative_embeds": samples.negative_embeds[perm],
+        "advantages": step_adv[rows, chosen],
+        "cond": {key: value[perm] for key, value in samples.cond.items()},  # each [N, ...]
     }
 
 
@@ -421,13 +468,14 @@ def train_epoch(run: Run, trajectories: Trajectories, step_adv: torch.Tensor, ep
     """The inner PPO epochs over this epoch's trajectories; returns the loss metrics averaged over micro-steps
     (ratio_min / ratio_max: the true extremes), the mean pre-clip gradient norm and the update count."""
     cfg = run.cfg
-    run.unet.train()
+    run.denoiser.train()
     metrics, grad_norms = MetricAccumulator(), []
-    # the trainable steps are the first T - skip_final_steps; training_view keeps true step indices
-    trainable_adv = step_adv[:, : run.num_steps - cfg.train.skip_final_steps]  # [N, T - skip]
+    # the trainable steps: the first T - skip_final_steps, or a flow model's SDE window; true indices are kept
+    lo, hi = sde_window(cfg, epoch)
+    trainable_adv = step_adv[:, lo:hi]  # [N, W]
     for inner in range(cfg.train.num_inner_epochs):
         shuffle = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, run.rank, 1_000_000 + inner))
-        view = training_view(trajectories, trainable_adv, run.steps_trained, cfg.train.timestep_selection, shuffle)
+        view = training_view(trajectories, trainable_adv, run.steps_trained, cfg.train.timestep_selection, shuffle, lo)
         for start in tqdm(range(0, len(trajectories), cfg.train.batch_size), desc=f"epoch {epoch} training",
                           disable=not run.main, leave=False):
             micro = slice(start, start + cfg.train.batch_size)
@@ -446,11 +494,14 @@ def train_epoch(run: Run, trajectories: Trajectories, step_adv: torch.Tensor, ep
 def _train_step(run: Run, view: dict, micro: slice, j: int) -> tuple[torch.Tensor, dict]:
     """One trained step j of one micro-batch: recompute log pi_theta (and log pi_ref), loss, backward."""
     cfg, acc = run.cfg, run.accelerator
-    transition = (view["latents"][micro, j], view["next_latents"][micro, j], view["timesteps"][micro, j],
-                  view["prompt_embeds"][micro], view["negative_embeds"][micro])
-    with acc.accumulate(run.unet):
+    transition = {
+        "latents": view["latents"][micro, j], "next_latents": view["next_latents"][micro, j],
+        "timesteps": view["timesteps"][micro, j], "next_timesteps": view["next_timesteps"][micro, j],
+        "cond": {key: value[micro] for key, value in view["cond"].items()},
+    }
+    with acc.accumulate(run.denoiser):
         with acc.autocast():
-            logp = recompute_log_prob(run.pipe, run.unet, *transition, cfg.sample.guidance_scale, cfg.sample.eta)
+            logp = _log_prob(run, run.denoiser, transition)
             # under the same autocast as the policy forward, so the KL is exactly 0 at initialisation
             logp_ref = _reference_log_prob(run, transition)
         loss, metrics = grpo.policy_loss(
@@ -470,17 +521,29 @@ def _train_step(run: Run, view: dict, micro: slice, j: int) -> tuple[torch.Tenso
     return loss, metrics
 
 
-def _reference_log_prob(run: Run, transition: tuple) -> torch.Tensor | None:
-    """log pi_ref [b, 1] of the stored transition under the UNet with LoRA disabled (no second UNet in memory)."""
+def _log_prob(run: Run, denoiser, transition: dict):
+    """The step output of a stored transition under `denoiser` (log-prob fp32 [b], mean, std), with the training
+    guidance (train.guidance_scale, else the sampling guidance)."""
+    cfg = run.cfg
+    guidance = cfg.train.guidance_scale if cfg.train.guidance_scale is not None else cfg.sample.guidance_scale
+    return recompute_log_prob(
+        run.pipe, denoiser, transition["latents"], transition["next_latents"], transition["timesteps"],
+        transition["cond"], guidance, cfg.sample.eta, next_timesteps=transition["next_timesteps"],
+        family=run.family, rule=run.rule,
+    )
+
+
+def _reference_log_prob(run: Run, transition: dict) -> torch.Tensor | None:
+    """log pi_ref [b, 1] of the stored transition under the denoiser with LoRA disabled (no second copy in memory)."""
     if run.cfg.train.kl_coef == 0:
         return None
-    unet = run.pipe.unet
+    raw = run.family.denoiser(run.pipe)
     with torch.no_grad():
-        unet.disable_adapters()
+        raw.disable_adapters()
         try:
-            ref = recompute_log_prob(run.pipe, unet, *transition, run.cfg.sample.guidance_scale, run.cfg.sample.eta)
+            ref = _log_prob(run, raw, transition)
         finally:
-            unet.enable_adapters()
+            raw.enable_adapters()
     return ref.log_prob[:, None]
 
 
@@ -550,9 +613,9 @@ def evaluate_model(run: Run, tag: str | None = None) -> dict:
     prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
     with run.ema.applied() if run.ema else contextlib.nullcontext():
         results, images, expanded = evaluate(
-            run.pipe, run.unet, prompts, [run.eval_reward], cfg.eval.seed, cfg.eval.images_per_prompt,
+            run.pipe, run.denoiser, prompts, [run.eval_reward], cfg.eval.seed, cfg.eval.images_per_prompt,
             cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta, max(cfg.sample.batch_size, 16),
-            cfg.sample.negative_prompt,
+            cfg.sample.negative_prompt, family=run.family, rule=run.rule,
         )
     if tag is not None and run.main:
         (run.out / "images").mkdir(parents=True, exist_ok=True)
@@ -581,8 +644,9 @@ def finish(run: Run, result: TrainResult) -> None:
                 _before_after_figure(run, result.eval_before, result.eval_after)
     run.accelerator.wait_for_everyone()
     if run.main:
-        raw = run.accelerator.unwrap_model(run.unet)
-        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora, run.out / ("lora" if cfg.model.use_lora else "."))
+        raw = run.accelerator.unwrap_model(run.denoiser)
+        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora,
+                                                  run.out / ("lora" if cfg.model.use_lora else "."), run.family.name)
         print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

@@ -90,13 +90,13 @@ def test_eval_before_training_does_not_depend_on_the_training_seed():
     from accelerate.utils import set_seed
 
     from diffusion_rl.evaluation import evaluate
-    from diffusion_rl.models import load_pipeline, prepare_trainable_unet
+    from diffusion_rl.models import load_pipeline, prepare_trainable_denoiser
 
     images, lora_a = [], []
     for seed in (0, 1):
         set_seed(seed)
         pipe = load_pipeline("builtin:tiny-random")
-        params = prepare_trainable_unet(pipe, True, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+        params = prepare_trainable_denoiser(pipe, True, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
         lora_a.append(params[0].detach().clone())
         _, imgs, _ = evaluate(pipe, pipe.unet, ["a red circle"], [], seed=1234, num_steps=2)
         images.append(imgs)

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion_rl.ddim_logprob import ddim_step_with_logprob
-from diffusion_rl.models import build_tiny_pipeline, prepare_trainable_unet
+from diffusion_rl.models import build_tiny_pipeline, prepare_trainable_denoiser
 from diffusion_rl.sampling import recompute_log_prob, sample_trajectories
 
 
@@ -83,7 +83,7 @@ def test_on_policy_ratio_is_one_for_any_batch_composition(tiny_pipe):
     """Recomputing log pi of stored transitions with the training forward gives ratio 1 (fp32, CPU),
     also when the batch mixes samples and steps differently than at sampling time."""
     pipe = tiny_pipe
-    prepare_trainable_unet(pipe, True, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    prepare_trainable_denoiser(pipe, True, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
     prompts = ["a red circle", "two blue squares", "a cat", "a dog"]
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     traj = sample_trajectories(pipe, pipe.unet, prompts, gens, num_steps=6, guidance_scale=5.0, eta=1.0)
@@ -93,7 +93,7 @@ def test_on_policy_ratio_is_one_for_any_batch_composition(tiny_pipe):
     rows, steps = torch.tensor([2, 0, 3]), torch.tensor([5, 1, 3])
     out = recompute_log_prob(
         pipe, pipe.unet, traj.latents[rows, steps], traj.next_latents[rows, steps], traj.timesteps[rows, steps],
-        traj.prompt_embeds[rows], traj.negative_embeds[rows], 5.0, 1.0,
+        {k: v[rows] for k, v in traj.cond.items()}, 5.0, 1.0,
     )
     ratio = torch.exp(out.log_prob - traj.log_probs[rows, steps])
     torch.testing.assert_close(ratio, torch.ones(3), atol=1e-5, rtol=0)

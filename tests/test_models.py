@@ -8,7 +8,7 @@ from diffusion_rl.models import (
     ModelLoadError,
     build_tiny_pipeline,
     load_pipeline,
-    prepare_trainable_unet,
+    prepare_trainable_denoiser,
     save_trained_weights,
     set_attention_backend,
 )
@@ -39,7 +39,7 @@ def test_builtin_tiny_random_is_deterministic():
 def test_missing_or_wrong_model_paths_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_pipeline(str(tmp_path))
-    with pytest.raises(ModelLoadError, match="could not load a Stable Diffusion pipeline from 'no-such-org/no-such-model'"):
+    with pytest.raises(ModelLoadError, match="could not load a diffusion pipeline from 'no-such-org/no-such-model'"):
         load_pipeline("no-such-org/no-such-model", local_files_only=True)
     with pytest.raises(ModelLoadError, match="unknown built-in model 'builtin:nope'"):
         load_pipeline("builtin:nope")
@@ -57,9 +57,9 @@ def test_xformers_where_it_cannot_run_is_a_clear_error():
 def test_lora_targets_and_full_finetune_saving(tmp_path):
     pipe = build_tiny_pipeline()
     with pytest.raises(ModelLoadError, match="matched no UNet module"):
-        prepare_trainable_unet(pipe, True, 4, 4.0, ["no_such_layer"])
+        prepare_trainable_denoiser(pipe, True, 4, 4.0, ["no_such_layer"])
     pipe = build_tiny_pipeline()
-    params = prepare_trainable_unet(pipe, False, 4, 4.0, [])
+    params = prepare_trainable_denoiser(pipe, False, 4, 4.0, [])
     assert sum(p.numel() for p in params) == sum(p.numel() for p in pipe.unet.parameters())
     assert not any(p.requires_grad for p in pipe.vae.parameters())
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_lora_on_attention_and_convolutions_loads_whole_in_plain_diffusers(tmp_p
     scaling, so plain diffusers reproduces the trained UNet's output exactly."""
     pipe = build_tiny_pipeline(seed=1)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
-    params = prepare_trainable_unet(pipe, True, 4, 8.0, targets)  # scaling alpha / rank = 2
+    params = prepare_trainable_denoiser(pipe, True, 4, 8.0, targets)  # scaling alpha / rank = 2
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in params:  # LoRA B starts at zero: give every adapter a visible effect

@@ -48,11 +48,12 @@ def test_training_view_keeps_each_pair_with_its_own_advantage():
     N, T = 5, 6
     latents = torch.arange(N * T, dtype=torch.float32).reshape(N, T, 1, 1, 1).expand(N, T, 4, 2, 2).clone()
     samples = Trajectories(
-        prompt_embeds=torch.arange(N, dtype=torch.float32)[:, None, None].expand(N, 3, 2).clone(),
-        negative_embeds=torch.zeros(N, 3, 2),
+        cond={"embeds": torch.arange(N, dtype=torch.float32)[:, None, None].expand(N, 3, 2).clone(),
+              "negative_embeds": torch.zeros(N, 3, 2)},
         latents=latents,
         next_latents=latents + 0.5,
         timesteps=torch.arange(T)[None].expand(N, T) * 100 + torch.arange(N)[:, None],
+        next_timesteps=torch.arange(T)[None].expand(N, T) * 100 + torch.arange(N)[:, None] - 100,
         log_probs=-torch.arange(N * T, dtype=torch.float32).reshape(N, T),
         similarities=torch.zeros(N, T + 1),
         images=torch.zeros(N, 3, 4, 4),
@@ -67,11 +68,17 @@ def test_training_view_keeps_each_pair_with_its_own_advantage():
         assert torch.equal(view["log_probs"], -(n * T + s).float())
         assert torch.equal(view["latents"][..., 0, 0, 0], (n * T + s).float())
         assert torch.equal(view["next_latents"][..., 0, 0, 0], (n * T + s).float() + 0.5)
-        assert torch.equal(view["prompt_embeds"][:, 0, 0], view["perm"].float())
+        assert torch.equal(view["next_timesteps"], s * 100 + n - 100)
+        assert torch.equal(view["cond"]["embeds"][:, 0, 0], view["perm"].float())
         if mode == "all":
             assert torch.equal(s.sort(1).values, torch.arange(T)[None].expand(N, T))
         if mode == "credit":  # the two largest |A| per row are the last two steps
             assert torch.equal(s.sort(1).values, torch.tensor([[4, 5]] * N))
+    # a flow model's SDE window: the advantages of steps 2..4 only, true step indices back
+    view = training_view(samples, planted[:, 2:5], 2, "random", torch.Generator().manual_seed(4), first_step=2)
+    n, s = view["perm"][:, None].expand(N, 2), view["steps"]
+    assert bool(((s >= 2) & (s < 5)).all())
+    assert torch.equal(view["advantages"], 1000.0 * n + s) and torch.equal(view["timesteps"], s * 100 + n)
     # the time shuffle really permutes (not the identity order for every row)
     view = training_view(samples, planted, T, "all", torch.Generator().manual_seed(0))
     assert not torch.equal(view["steps"], torch.arange(T)[None].expand(N, T))
