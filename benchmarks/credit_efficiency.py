@@ -18,6 +18,10 @@ Methods (the only overrides that differ between runs, besides `seed`):
     coca           credit.kind=coca     train.timestep_selection=all     train.timestep_fraction=1.0
     coca_select    credit.kind=coca     train.timestep_selection=credit  train.timestep_fraction=F
                    (F = --select-fraction, default 0.5)
+    windowed       flow models only (Flow-GRPO-Fast): credit.kind=sparse on a 2-step SDE window (sample.sde_window_size=2,
+                   drawn per epoch), ODE steps elsewhere, train.skip_final_steps=0
+
+    Flow models:   --config configs/flow_default.yaml --methods sparse windowed coca coca_select
 
 Outputs in `--out` (default docs/credit_efficiency):
     runs.csv   one row per (method, seed, epoch), epoch 0 = before training: method, seed, epoch, reward_queries,
@@ -68,13 +72,16 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 CSV_COLUMNS = ["method", "seed", "epoch", "reward_queries", "eval_mean", "train_reward_mean", "wall_s"]
 TOL = 1e-6  # eval means are float32 averages: values equal up to rounding count as reached
-METHOD_ORDER = ["sparse", "sparse_random", "uniform", "coca", "coca_select"]
+DDIM_METHODS = ["sparse", "sparse_random", "uniform", "coca", "coca_select"]
+FLOW_METHODS = ["sparse", "windowed", "coca", "coca_select"]  # --config configs/flow_default.yaml
+METHOD_ORDER = [*DDIM_METHODS, "windowed"]
 COLOURS = {
     "sparse": (31, 119, 180),
     "sparse_random": (255, 127, 14),
     "uniform": (127, 127, 127),
     "coca": (214, 39, 40),
     "coca_select": (44, 160, 44),
+    "windowed": (148, 103, 189),
 }
 
 
@@ -89,6 +96,11 @@ def method_overrides(method: str, select_fraction: float = 0.5) -> list[str]:
         "coca": ["credit.kind=coca", "train.timestep_selection=all", "train.timestep_fraction=1.0"],
         "coca_select": [
             "credit.kind=coca", "train.timestep_selection=credit", f"train.timestep_fraction={select_fraction}",
+        ],
+        # flow models only: Flow-GRPO-Fast, sparse credit on a 2-step SDE window drawn per epoch, ODE elsewhere
+        "windowed": [
+            "credit.kind=sparse", "train.timestep_selection=all", "train.timestep_fraction=1.0",
+            "sample.sde_window_size=2", "train.skip_final_steps=0",
         ],
     }
     if method not in table:
@@ -540,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the config's num_epochs)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every K epochs (plus before and after)")
-    p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
+    p.add_argument("--methods", nargs="+", default=DDIM_METHODS, choices=METHOD_ORDER,
+                   help=f"default {' '.join(DDIM_METHODS)}; for a flow model: {' '.join(FLOW_METHODS)}")
     p.add_argument("--select-fraction", type=float, default=0.5, help="train.timestep_fraction of coca_select and sparse_random")
     p.add_argument("--out", default="docs/credit_efficiency", help="where runs.csv, curve.png, table.md go")
     p.add_argument("--runs-dir", default="runs/credit_efficiency", help="run directories (TensorBoard, weights)")

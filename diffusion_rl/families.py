@@ -69,7 +69,7 @@ class Family:
         return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
     # ---- saving --------------------------------------------------------------------------------------------
-    def save_lora(self, pipe_class, denoiser, out_dir: Path) -> None:
+    def save_lora(self, pipe_class, denoiser, out_dir: Path, state_dict: dict | None = None) -> None:
         """A directory that the plain diffusers pipeline's `load_lora_weights(dir)` loads."""
         from peft.utils import get_peft_model_state_dict
 
@@ -77,7 +77,7 @@ class Family:
         # metadata carries rank and alpha, so the loaded scaling is alpha / rank as trained.
         pipe_class.save_lora_weights(
             out_dir,
-            **{f"{self.lora_prefix}_lora_layers": get_peft_model_state_dict(denoiser),
+            **{f"{self.lora_prefix}_lora_layers": get_peft_model_state_dict(denoiser, state_dict=state_dict),
                f"{self.lora_prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()},
             safe_serialization=True,
         )

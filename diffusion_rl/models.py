@@ -295,9 +295,11 @@ def trainable_state_dict(denoiser: torch.nn.Module, use_lora: bool) -> dict[str,
     return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
-def save_trained_weights(denoiser: torch.nn.Module, use_lora: bool, out_dir: str | Path, family: str = "sd") -> Path:
+def save_trained_weights(denoiser: torch.nn.Module, use_lora: bool, out_dir: str | Path, family: str = "sd",
+                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """LoRA: a directory the family's plain diffusers pipeline loads with `load_lora_weights(dir)`.
-    Full fine-tune: `unet/` or `transformer/` saved with save_pretrained (safetensors)."""
+    Full fine-tune: `unet/` or `transformer/` saved with save_pretrained (safetensors). `state_dict`: the full
+    weights when the module itself holds only a shard (FSDP: `accelerator.get_state_dict`)."""
     import diffusers
 
     from diffusion_rl.families import FAMILIES, PIPELINE_FAMILY
@@ -307,7 +309,7 @@ def save_trained_weights(denoiser: torch.nn.Module, use_lora: bool, out_dir: str
     fam = FAMILIES[family]()
     if use_lora:
         pipe_class = getattr(diffusers, next(c for c, f in PIPELINE_FAMILY.items() if f == family))
-        fam.save_lora(pipe_class, denoiser, out_dir)
+        fam.save_lora(pipe_class, denoiser, out_dir, state_dict)
         return out_dir
-    denoiser.save_pretrained(out_dir / fam.denoiser_attr, safe_serialization=True)
+    denoiser.save_pretrained(out_dir / fam.denoiser_attr, safe_serialization=True, state_dict=state_dict)
     return out_dir / fam.denoiser_attr

@@ -539,9 +539,11 @@ def _reference_log_prob(run: Run, transition: dict) -> torch.Tensor | None:
         return None
     raw = run.family.denoiser(run.pipe)
     with torch.no_grad():
+        # the adapters are switched off on the raw module's layers, the forward runs through the prepared module
+        # (under FSDP only the wrapper holds the gathered weights; under DDP it is the same computation)
         raw.disable_adapters()
         try:
-            ref = _log_prob(run, raw, transition)
+            ref = _log_prob(run, run.denoiser, transition)
         finally:
             raw.enable_adapters()
     return ref.log_prob[:, None]
@@ -643,10 +645,11 @@ def finish(run: Run, result: TrainResult) -> None:
             if result.eval_before is not None and (run.out / "images" / "eval_before.png").exists():
                 _before_after_figure(run, result.eval_before, result.eval_after)
     run.accelerator.wait_for_everyone()
+    state = run.accelerator.get_state_dict(run.denoiser)  # collective: under FSDP it gathers the full weights
     if run.main:
         raw = run.accelerator.unwrap_model(run.denoiser)
-        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora,
-                                                  run.out / ("lora" if cfg.model.use_lora else "."), run.family.name)
+        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora, run.out / ("lora" if cfg.model.use_lora else "."),
+                                                  run.family.name, state)
         print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import rewards
 from diffusion_rl.config import load_config
+from diffusion_rl.families import family_of
 from diffusion_rl.models import trainable_state_dict
 from diffusion_rl.trainer import train
 
 out = Path(sys.argv[1])
+# optional: another built-in model and extra overrides (the flow family: an SDE window and a KL to the reference)
+extra = sys.argv[2:]
 seen = {"prompts": [], "image_hashes": []}
 jpeg = rewards.load("jpeg_compressibility")
 
@@ -24,10 +27,10 @@ def recording_reward(images, prompts, metadata):
 
 cfg = load_config(
     Path(__file__).parents[1] / "configs" / "tiny.yaml",
-    [f"output_dir={out}", "num_epochs=2", "checkpoint.every=0", "logging.image_every=0"],
+    [f"output_dir={out}", "num_epochs=2", "checkpoint.every=0", "logging.image_every=0", *extra],
 )
 result = train(cfg, reward_fn=recording_reward)
-state = trainable_state_dict(result.pipeline.unet, use_lora=True)
+state = trainable_state_dict(family_of(result.pipeline).denoiser(result.pipeline), use_lora=True)
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
 (out / f"rank_{result.process_index}.json").write_text(
     json.dumps({"params_sha256": digest, "lora_abs_sum": float(sum(v.abs().sum() for v in state.values())), **seen})

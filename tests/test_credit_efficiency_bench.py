@@ -108,7 +108,7 @@ def test_every_method_resolves_to_a_valid_config_that_differs_only_in_its_overri
     """The methods of the shipped benchmark command on the shipped default: each resolves (the config rules
     hold), trains the expected number of steps, and differs from the others only in credit and step selection."""
     cfgs = {m: bench.run_config(str(REPO / "configs" / "default.yaml"), [], m, 0, 5, 1, tmp_path, 0.34)
-            for m in bench.METHOD_ORDER}
+            for m in bench.DDIM_METHODS}
     steps = {m: c.num_train_timesteps() for m, c in cfgs.items()}
     assert steps == {"sparse": 9, "sparse_random": 3, "uniform": 9, "coca": 9, "coca_select": 3}
     assert cfgs["sparse_random"].train.timestep_selection == "random"
@@ -123,3 +123,12 @@ def test_every_method_resolves_to_a_valid_config_that_differs_only_in_its_overri
         return d
 
     assert all(rest(c) == rest(cfgs["sparse"]) for c in cfgs.values())
+
+
+def test_flow_methods_resolve_on_the_flow_default(bench, tmp_path):
+    """Flow-GRPO (all SDE steps but the last), Flow-GRPO-Fast (a 2-step SDE window), CoCA and CoCA + selection."""
+    cfgs = {m: bench.run_config(str(REPO / "configs" / "flow_default.yaml"), [], m, 0, 5, 1, tmp_path, 0.34)
+            for m in bench.FLOW_METHODS}
+    assert {m: c.num_train_timesteps() for m, c in cfgs.items()} == {"sparse": 9, "windowed": 2, "coca": 9,
+                                                                     "coca_select": 3}
+    assert cfgs["windowed"].sample.sde_window_size == 2 and cfgs["sparse"].sample.sde_window_size is None

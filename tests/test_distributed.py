@@ -15,8 +15,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+FLOW = ["model.pretrained=builtin:tiny-random-sd3", "sample.sde_window_size=2", "sample.sde_window_range=[0,4]",
+        "train.kl_coef=0.1"]
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_share_weights_but_not_samples(tmp_path):
+@pytest.mark.parametrize("extra", [[], FLOW], ids=["sd-ddim", "sd3-flow-window-kl"])
+def test_two_cpu_processes_share_weights_but_not_samples(tmp_path, extra):
     worker = Path(__file__).parent / "_dist_worker.py"
     # `accelerate launch --multi_gpu` starts the ranks with torch's elastic launcher; without CUDA the
     # trainer's Accelerator runs them on the CPU with the gloo backend. (`accelerate launch --cpu` only
@@ -24,7 +29,7 @@ def test_two_cpu_processes_share_weights_but_not_samples(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(worker), str(tmp_path),
+        "--main_process_port", str(_free_port()), str(worker), str(tmp_path), *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
