@@ -6,6 +6,18 @@
 Never imports diffusers. Heavy imports (torch, transformers) happen on first use.
 """
 
+def _announce_rewards() -> None:
+    """The reasoning half's rewards (reasoning_gym, tool_answer) register when these modules are imported; the
+    rewards package imports them when it lists or loads rewards (no torch is imported here)."""
+    from rewards import registry
+
+    for module in ("reasoning_rl.world", "reasoning_rl.tools"):
+        if module not in registry.PLUGIN_MODULES:
+            registry.PLUGIN_MODULES.append(module)
+
+
+_announce_rewards()
+
 _LAZY = {
     "load_config": ("reasoning_rl.config", "load_config"),
     "ReasonConfig": ("reasoning_rl.config", "ReasonConfig"),

@@ -113,6 +113,20 @@ class RolloutConfig(Section):
     """backend=vllm: upper bound C_max of the importance-sampling weights (TRL 3.0); empty = none."""
     vllm_importance_sampling_min: float | None = Field(None, ge=0)
     """backend=vllm: lower bound C_min of the importance-sampling weights; empty = none."""
+    tools: list[str] | None = None
+    """Multi-turn tool rollouts (V-ToolRL / OpenThinkIMG, `reasoning_rl.tools`): the registered tools the policy may
+    call (built in: count, locate, crop, draw_box; add yours with `reasoning_rl.tools.register_tool`). Each turn is
+    an action JSON {"thought", "actions": [{"name", "arguments"}]}; `terminate` {"ans"} ends the rollout (always
+    allowed, so `[]` = answer-only turns). Observations are appended token-in / token-out and masked out of the loss.
+    Empty (null) = ordinary single-turn completions. Text-only policies."""
+    max_tool_rounds: int = Field(3, ge=1)
+    """With tools: K, the policy turns per rollout at most (each up to max_new_tokens tokens; OpenThinkIMG uses 6)."""
+    tool_state: str = "visual"
+    """With tools: the per-rollout tool state built from the problem's row (`reasoning_rl.tools.STATES`): `visual`
+    (the scene's image and objects, for the visual-world tools) or `metadata` (a copy of the row's columns)."""
+    tool_observation_template: str = "\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n"
+    """With tools: how an observation enters the context after the policy's end-of-turn token ({observation} = the
+    tools' text); the default is a ChatML user turn and the next assistant header."""
 
 
 class PromptsConfig(Section):
@@ -344,7 +358,9 @@ class ReasonConfig(Section):
             "completions_per_step_per_process": completions,
             "micro_batches_per_update": -(-completions // t.micro_batch_size),
             "updates_per_step": t.num_iterations,
-            "max_tokens_per_step": completions * world_size * r.max_new_tokens,
+            # (tool rollouts: up to max_tool_rounds policy turns each, observations not counted)
+            "max_tokens_per_step": completions * world_size * r.max_new_tokens
+            * (r.max_tool_rounds if r.tools is not None else 1),
         }
 
     def hash(self) -> str:
@@ -377,6 +393,7 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
             "is 0; use at least 2 (GRPO uses 8)"
         )
     problems += vllm_problems(cfg)
+    problems += tool_problems(cfg)
     if t.off_policy_per_group and not p.off_policy_column:
         problems.append("train.off_policy_per_group > 0 (LUFFY) needs prompts.off_policy_column (the traces' column)")
     if t.off_policy_per_group >= r.num_generations:
@@ -431,6 +448,35 @@ def vllm_problems(cfg: ReasonConfig) -> list[str]:
     if low is not None and high is not None and low > high:
         problems.append(f"rollout.vllm_importance_sampling_min ({low}) exceeds rollout.vllm_importance_sampling_max "
                         f"({high})")
+    return problems
+
+
+def tool_problems(cfg: ReasonConfig) -> list[str]:
+    """Rules of rollout.tools (multi-turn tool rollouts)."""
+    r, problems = cfg.rollout, []
+    if r.tools is None:
+        return problems
+    from reasoning_rl import tools as tool_registry
+
+    unknown = [n for n in r.tools if n not in tool_registry.TOOLS]
+    if unknown:
+        problems.append(f"rollout.tools names unregistered tool(s) {unknown}; registered: "
+                        f"{tool_registry.available_tools()} (register your own with reasoning_rl.tools.register_tool "
+                        "before loading the config)")
+    if r.tool_state not in tool_registry.STATES:
+        problems.append(f"rollout.tool_state {r.tool_state!r} is not registered; use one of "
+                        f"{sorted(tool_registry.STATES)} or add one with reasoning_rl.tools.register_state")
+    if "{observation}" not in r.tool_observation_template:
+        problems.append(f"rollout.tool_observation_template {r.tool_observation_template!r} has no {{observation}} "
+                        "placeholder; include it where the tools' text goes")
+    if r.backend == "vllm":
+        problems.append("rollout.tools runs with rollout.backend=transformers only; set rollout.backend=transformers")
+    sources = [cfg.prompts] + [st.prompts for st in cfg.stages if st.prompts is not None]
+    if any(p.image_column for p in sources):
+        problems.append("rollout.tools takes text-only policies (observations enter the context as text); unset "
+                        "prompts.image_column")
+    if cfg.train.off_policy_per_group:
+        problems.append("rollout.tools does not combine with LUFFY traces (train.off_policy_per_group); set it to 0")
     return problems
 
 

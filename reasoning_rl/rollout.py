@@ -40,6 +40,12 @@ class Rollouts:
     sampling_logp: torch.Tensor | None = None
     trainer_logp: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
+    # multi-turn tool rollouts (reasoning_rl.tools.rollout): 1 = the policy's own token, 0 = a tool observation [B, C]
+    # (the loss mask is multiplied by it); log pi of each policy token at sampling time [B, C] fp32 (NaN elsewhere);
+    # per sequence (calls, errors, turns) [B, 3]
+    tool_mask: torch.Tensor | None = None
+    tool_logp: torch.Tensor | None = None
+    tool_stats: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -69,7 +75,8 @@ class Rollouts:
             pixel_values=None if self.pixel_values is None else [self.pixel_values[i] for i in rows],
             image_grid_thw=take(self.image_grid_thw), mm_token_type_ids=take(self.mm_token_type_ids),
             off_policy=take(self.off_policy), pad_id=self.pad_id, sampling_logp=take(self.sampling_logp),
-            trainer_logp=take(self.trainer_logp), is_weights=take(self.is_weights),
+            trainer_logp=take(self.trainer_logp), is_weights=take(self.is_weights), tool_mask=take(self.tool_mask),
+            tool_logp=take(self.tool_logp), tool_stats=take(self.tool_stats),
         )
 
     @staticmethod
@@ -99,6 +106,9 @@ class Rollouts:
             sampling_logp=None if parts[0].sampling_logp is None else torch.cat([right(p.sampling_logp, 0.0) for p in parts]),
             trainer_logp=None if parts[0].trainer_logp is None else torch.cat([right(p.trainer_logp, 0.0) for p in parts]),
             is_weights=None if parts[0].is_weights is None else torch.cat([right(p.is_weights, 1.0) for p in parts]),
+            tool_mask=None if parts[0].tool_mask is None else torch.cat([right(p.tool_mask, 0) for p in parts]),
+            tool_logp=None if parts[0].tool_logp is None else torch.cat([right(p.tool_logp, float("nan")) for p in parts]),
+            tool_stats=cat([p.tool_stats for p in parts]),
         )
 
     def with_traces(self, slots: torch.Tensor, traces: list[str], processor) -> Rollouts:

@@ -9,8 +9,9 @@ with "epoch" -> "step" and trajectories -> completions):
     evaluate_before   greedy and sampled accuracy on the held-out problems
     per step:
       generate_step       every process takes `prompts_per_step` problems and samples G completions of each
-                          (left-padded prompts, completions up to eos / a stop string / max_new_tokens); the
-                          reward scores them
+                          (left-padded prompts, completions up to eos / a stop string / max_new_tokens; with
+                          rollout.tools up to K action turns, tool observations appended token-in / token-out
+                          and masked out of the loss, reasoning_rl.tools.rollout); the reward scores them
       compute_advantages  per-group standardisation over each problem's G completions (GRPO; Dr.GRPO without
                           the std), NaN rewards -> advantage 0
       train_step          `num_iterations` passes over the completions in micro-batches: recompute
@@ -69,6 +70,8 @@ from reasoning_rl.evaluation import evaluate
 from reasoning_rl.gguf_checkpoint import as_plain_checkpoint
 from reasoning_rl.models import load_policy, prepare_trainable, save_trained, set_image_pixels
 from reasoning_rl.rollout import Rollouts, encode_prompts, generate, token_log_probs
+from reasoning_rl.tools import get_state, get_tools
+from reasoning_rl.tools.rollout import evaluate_with_tools, expert_rollouts, generate_with_tools, tool_metrics
 
 # Config sections a resumed run may change freely; any other difference is reported (model changes are errors).
 RESUME_FREE = ("num_steps", "output_dir", "logging", "checkpoint", "eval")
@@ -109,6 +112,8 @@ class Run(ProcessInfo):
     callbacks: Sequence[TrainerCallback]
     start_step: int = 0
     vllm: object | None = None  # rollout.backend=vllm: the engine (reasoning_rl.vllm_rollout.VLLMRollout)
+    tools: dict | None = None  # rollout.tools: the callable tools by name (None = single-turn rollouts)
+    tool_state: Callable | None = None  # rollout.tool_state: metadata row -> the rollout's tool state
 
     def stateful(self) -> dict:
         return {"curriculum": _Curriculum(self.stages, self.stage_samplers), "entropy_schedule": self.entropy_schedule}
@@ -213,6 +218,8 @@ def setup(cfg: ReasonConfig, reward_fn: Callable | None, callbacks: Sequence[Tra
                         for i, p in enumerate(stage_problems)],
         entropy_schedule=_entropy_schedule(cfg), writer=Writer(out / "tensorboard", enabled=accelerator.is_main_process),
         callbacks=list(callbacks), vllm=vllm,
+        tools=None if cfg.rollout.tools is None else get_tools(cfg.rollout.tools),
+        tool_state=None if cfg.rollout.tools is None else get_state(cfg.rollout.tool_state),
     )
 
 
@@ -261,6 +268,9 @@ def print_startup(run: Run) -> None:
     adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else "full fine-tune"
     print(f"[drl] model {cfg.model.pretrained} | {adapter} | {trainable:,} of {total:,} params trainable | "
           f"reward {run.reward_fn.name} | {sum(len(p.prompts) for p in run.stage_problems)} problems")
+    if run.tools is not None:
+        print(f"[drl] tool rollouts: tools {sorted(run.tools)} + terminate | <= {cfg.rollout.max_tool_rounds} turns of "
+              f"<= {cfg.rollout.max_new_tokens} tokens | state {cfg.rollout.tool_state}")
     if len(run.stages) > 1:
         print("[drl] curriculum: " + " -> ".join(f"{st.name} ({st.kind}, {st.num_steps} steps, lr {st.learning_rate:g})"
                                                  for st in run.stages))
@@ -311,11 +321,17 @@ def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tu
     problems, metadata, texts, images = _stage_inputs(run, step, ids)
     torch.manual_seed(derive_seed(cfg.seed, step, run.rank, round_index))  # generate samples from the global RNG
     run.model.eval()
-    sample = generate if run.vllm is None else run.vllm.generate
-    rollouts = sample(
-        run.raw_model, run.processor, texts, problems, metadata, r.num_generations, r.max_new_tokens, r.temperature,
-        r.top_p, r.top_k, r.stop_strings, r.batch_size, images,
-    )
+    if run.tools is not None:  # multi-turn: policy turns and tool observations, token-in / token-out
+        rollouts = generate_with_tools(
+            run.raw_model, run.processor, texts, problems, metadata, r.num_generations, r.max_new_tokens,
+            r.temperature, r.top_p, r.top_k, r.batch_size, run.tools, r.max_tool_rounds, run.tool_state,
+            r.tool_observation_template)
+    else:
+        sample = generate if run.vllm is None else run.vllm.generate
+        rollouts = sample(
+            run.raw_model, run.processor, texts, problems, metadata, r.num_generations, r.max_new_tokens,
+            r.temperature, r.top_p, r.top_k, r.stop_strings, r.batch_size, images,
+        )
     m = cfg.train.off_policy_per_group
     if m:  # LUFFY: m of each group's G completions become the problem's off-policy trace
         slots = replace_with_off_policy(torch.arange(len(rollouts)) // r.num_generations, m)
@@ -378,6 +394,12 @@ def solution_batch(run: Run, step: int) -> Rollouts:
     batch.completion_mask = torch.empty(len(ids), 0, dtype=torch.long, device=device)
     batch.stopped = torch.zeros(len(ids), dtype=torch.bool, device=device)
     batch.completions = [""] * len(ids)
+    if run.tools is not None:  # expert tool-use traces: the policy's turns (a JSON list), the tools run for real
+        turns = [json.loads(s) if isinstance(s := m["solution"], str) and s.lstrip().startswith("[") else [str(s)]
+                 for m in metadata]
+        r = run.cfg.rollout
+        return expert_rollouts(run.processor, texts, problems, metadata, turns, run.tools, r.max_tool_rounds,
+                               run.tool_state, r.tool_observation_template, device)
     return batch.with_traces(torch.ones(len(ids), dtype=torch.bool), [str(m["solution"]) for m in metadata],
                              run.processor)
 
@@ -387,7 +409,9 @@ def sft_step(run: Run, batch: Rollouts, step: int) -> dict[str, float]:
     t, acc = run.cfg.train, run.accelerator
     run.model.train()
     micro_batches = list(torch.arange(len(batch)).split(t.micro_batch_size))
-    n_tokens = float(acc.reduce(batch.completion_mask.sum().float(), reduction="sum"))
+    # tool traces: the observations are context, not targets
+    targets = batch.completion_mask if batch.tool_mask is None else batch.completion_mask * batch.tool_mask
+    n_tokens = float(acc.reduce(targets.sum().float(), reduction="sum"))
     total = torch.zeros((), device=acc.device)
     for i, idx in enumerate(micro_batches):
         with acc.no_sync(run.model) if i < len(micro_batches) - 1 else contextlib.nullcontext():
@@ -395,7 +419,7 @@ def sft_step(run: Run, batch: Rollouts, step: int) -> dict[str, float]:
                 logp, _ = token_log_probs(run.model, batch.prompt_ids[idx], batch.prompt_mask[idx],
                                           batch.completion_ids[idx], batch.completion_mask[idx], 1.0,
                                           vision=batch.vision(idx), fused=run.cfg.model.fused_logprob)
-            loss = -logp.sum() / (max(n_tokens, 1.0) / run.world)  # DDP's mean over processes -> the global mean
+            loss = -(logp * targets[idx]).sum() / (max(n_tokens, 1.0) / run.world)  # DDP's mean over processes -> the global mean
             acc.backward(loss)
         total = total + loss.detach()
     grad_norm = run.guard.step(total, where=f"(step {step}, sft)")
@@ -463,6 +487,8 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
     loss_mask = rollouts.completion_mask.clone()
     if t.mask_truncated_completions:
         loss_mask = loss_mask * rollouts.stopped[:, None].long()  # cut completions get no loss
+    if rollouts.tool_mask is not None:  # tool observations: no policy loss, KL or entropy term
+        loss_mask = loss_mask * rollouts.tool_mask
     # log pi_old: the sampling policy. With one pass it equals the current policy (ratio 1, detached), so it is
     # only computed when the batch is reused.
     old_logp = None
@@ -573,6 +599,8 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
     finite = scores_all[torch.isfinite(scores_all)]
     losses = dict(losses)
     losses.pop("updates")
+    tools = {} if rollouts.tool_stats is None else {
+        f"reason/{k}": v for k, v in tool_metrics(acc.gather(rollouts.tool_stats.to(device)).cpu()).items()}
     return {
         "step": step,
         "global_step": run.guard.global_step,
@@ -586,6 +614,7 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
         "reason/completion_length_max": float(lengths.max()),
         "reason/clipped_ratio": float(1.0 - stopped.mean()),
         "reason/advantage_abs_mean": float(advantages.abs().mean()),
+        **tools,
         "loss/learning_rate": run.lr_scheduler.get_last_lr()[0],
         **{f"loss/{k}": v for k, v in losses.items()},
         "loss/nonfinite_skipped_total": run.guard.nonfinite_skipped,
@@ -626,6 +655,14 @@ def evaluate_model(run: Run) -> dict[str, float]:
     """`reasoning_rl.evaluation.evaluate` on the held-out problems (what `drl reason eval` reports)."""
     cfg, r = run.cfg, run.cfg.rollout
     held_out = rows_to_problems(cfg.eval.problems, cfg.prompts, "eval.problems")
+    if run.tools is not None:
+        texts = [format_prompt(run.processor, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template)
+                 for p in held_out.prompts]
+        return evaluate_with_tools(
+            run.raw_model, run.processor, texts, held_out.prompts, held_out.metadata, run.reward_fn, tools=run.tools,
+            max_rounds=r.max_tool_rounds, make_state=run.tool_state, observation_template=r.tool_observation_template,
+            num_samples=cfg.eval.num_generations, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+            top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size, seed=cfg.eval.seed)
     results, _ = evaluate(
         run.raw_model, run.processor, held_out, run.reward_fn, num_samples=cfg.eval.num_generations,
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,

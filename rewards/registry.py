@@ -180,8 +180,20 @@ INFO: dict[str, RewardInfo] = {
 }
 
 
+PLUGIN_MODULES: list[str] = []
+"""Modules that register more rewards when imported (added by the packages that own them, e.g. the reasoning half
+adds its world and tool modules); imported on the first `available()` or on a `load()` of an unknown name, so
+`drl reward list` and YAML configs see them without this package knowing who they are."""
+
+
+def _import_plugins() -> None:
+    while PLUGIN_MODULES:
+        importlib.import_module(PLUGIN_MODULES.pop(0))
+
+
 def available() -> list[str]:
     """Registered reward names, sorted."""
+    _import_plugins()
     return sorted(REGISTRY)
 
 
@@ -211,6 +223,8 @@ def _check_options(name: str, factory: Callable[..., Any], options: dict[str, An
 
 def load(name: str, **options: Any) -> RewardFn:
     """Build the reward ``name`` once (models loaded now) and return its ``RewardFn``."""
+    if name not in REGISTRY:
+        _import_plugins()
     if name not in REGISTRY:
         raise RewardError(f"unknown reward {name!r}; available rewards: {', '.join(available())}")
     factory = REGISTRY[name]
