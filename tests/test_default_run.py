@@ -66,3 +66,30 @@ def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
     pipe.load_lora_weights(tmp_path / "lora")
     after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     assert not torch.allclose(before, after, atol=1e-6)
+
+
+def test_flow_default_runs_and_its_lora_loads_in_the_plain_sd3_pipeline(tmp_path):
+    """configs/flow_default.yaml, shortened: the shipped rectified-flow model, Flow-GRPO with CoCA credit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusion_rl.cli", "train", str(REPO / "configs" / "flow_default.yaml"),
+         "--output-dir", str(tmp_path), "--set", "num_epochs=2", "--set", "sample.num_batches_per_epoch=1",
+         "--set", "sample.batch_size=8", "--set", "train.batch_size=8", "--set", "eval.every=0",
+         "--set", "eval.images_per_prompt=1", "--set", "train.lr_warmup_steps=1"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "(sd3, flow MDP)" in out
+    before = float(re.search(r"eval before training: shapes_alignment = ([0-9.]+)", out).group(1))
+    assert 0.3 < before < 0.6  # the shipped flow model: clearly above an empty image, room left for RL
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)
+    assert all(r["credit/steps_trained_per_trajectory"] == 3 for r in rows)
+    pipe = load_pipeline("builtin:tiny-shapes-flow")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, output_type="pt", max_sequence_length=4)
+    before = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    assert before.shape == (1, 3, 32, 32) and not torch.allclose(before, after, atol=1e-6)

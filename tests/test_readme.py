@@ -45,3 +45,16 @@ def test_readme_has_exactly_two_setup_commands():
     assert commands[0].endswith("drl train") and commands[1].endswith("python -m pytest -q")
     ci = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     assert 'pip install -e ".[dev]"' in ci and "python -m pytest -q" in ci
+
+
+def test_user_defined_tool_example_runs():
+    from reasoning_rl.tools import TOOLS, call_tool
+
+    namespace: dict = {}
+    exec(compile(_block_after("### Tool-calling rollouts", "python"), "README.md", "exec"), namespace)
+    try:
+        assert call_tool(TOOLS, "area", {"box": [0, 0, 3, 4]}, None).text == "area: 12"
+        bad = call_tool(TOOLS, "area", {"box": [1, 2]}, None)
+        assert bad.error and "too short" in bad.text  # the schema is checked before the tool runs
+    finally:
+        TOOLS.pop("area", None)

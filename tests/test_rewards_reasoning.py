@@ -507,3 +507,13 @@ def test_registered_and_listed():
         assert listed[name]["differentiable"] is False and listed[name]["description"].startswith("text")
     with pytest.raises(RewardError, match=r"no option\(s\) \['tokeniser'\]"):
         rewards.load("kimi_length", tokeniser="x")
+
+
+def test_the_reasoning_halfs_rewards_are_listed_and_loadable_by_name():
+    """reasoning_gym and tool_answer live in reasoning_rl; the registry imports their modules when it lists or
+    loads rewards, so `drl reward list` and `reward: {name: tool_answer}` find them."""
+    import reasoning_rl  # noqa: F401  (announces its reward modules)
+    from rewards import registry
+
+    assert {"reasoning_gym", "tool_answer"} <= set(registry.available())
+    assert registry.load("tool_answer").name == "tool_answer"
