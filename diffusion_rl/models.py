@@ -272,7 +272,8 @@ def prepare_trainable_denoiser(
             denoiser.add_adapter(config)
         except ValueError as err:
             raise ModelLoadError(
-                f"model.lora_target_modules={target_modules} matched no {family.denoiser_attr} module ({err}); "
+                f"model.lora_target_modules={target_modules} matched no "
+                f"{'UNet' if family.denoiser_attr == 'unet' else 'transformer'} module ({err}); "
                 "use names such as to_q, to_k, to_v, to_out.0"
             ) from None
     else:
