@@ -206,3 +206,28 @@ def test_loading_a_saved_sd3_pipeline_without_t5(tmp_path):
     assert isinstance(loaded.scheduler, FlowMatchEulerDiscreteScheduler)
     for a, b in zip(loaded.transformer.parameters(), pipe.transformer.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cfg_free_training_recomputes_without_guidance():
+    """train.guidance_scale=1 (Flow-GRPO's CFG-free training): the trainer's log-prob of a transition sampled with
+    CFG uses the conditional model alone, so the ratio starts away from 1; unset, it is the sampling guidance."""
+    from types import SimpleNamespace
+
+    from diffusion_rl.config import load_config
+    from diffusion_rl.trainer import _log_prob
+
+    pipe = build_tiny_sd3(0)
+    family, rule = family_of(pipe, 8), FlowRule(0.7)
+    den = family.denoiser(pipe)
+    traj = sample_trajectories(pipe, den, PROMPTS[:2], [torch.Generator().manual_seed(i) for i in range(2)], 3, 4.0,
+                               1.0, family=family, rule=rule)
+    transition = {"latents": traj.latents[:, 1], "next_latents": traj.next_latents[:, 1],
+                  "timesteps": traj.timesteps[:, 1], "next_timesteps": traj.next_timesteps[:, 1], "cond": traj.cond}
+    ratios = {}
+    for guidance in (None, 1.0):
+        cfg = load_config(TINY_YAML, ["sample.guidance_scale=4.0"] + ([f"train.guidance_scale={guidance}"] if guidance else []))
+        run = SimpleNamespace(cfg=cfg, pipe=pipe, family=family, rule=rule)
+        with torch.no_grad():
+            ratios[guidance] = torch.exp(_log_prob(run, den, transition).log_prob - traj.log_probs[:, 1])
+    torch.testing.assert_close(ratios[None], torch.ones(2), atol=1e-5, rtol=0)
+    assert bool(((ratios[1.0] - 1).abs() > 1e-4).all())
