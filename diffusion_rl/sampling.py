@@ -164,12 +164,6 @@ def sample_trajectories(
     )
 
 
-@torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode final latents to fp32 images in [0, 1], [B, 3, H, W]."""
-    return family_of(pipe).decode(pipe, latents)
-
-
 def recompute_log_prob(
     pipe,
     denoiser: torch.nn.Module,

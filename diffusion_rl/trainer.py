@@ -67,7 +67,14 @@ from diffusion_rl.models import (
     set_attention_backend,
 )
 from diffusion_rl.prompts import PromptSampler, PromptSet, load_prompts
-from diffusion_rl.sampling import DDIMRule, FlowRule, Trajectories, default_rule, recompute_log_prob, sample_trajectories
+from diffusion_rl.sampling import (
+    DDIMRule,
+    FlowRule,
+    Trajectories,
+    default_rule,
+    recompute_log_prob,
+    sample_trajectories,
+)
 from diffusion_rl.tb import Writer, grid_cells, image_grid, labelled_grid, side_by_side
 
 EVAL_GRID_IMAGES, EVAL_GRID_COLUMNS = 64, 8  # images/eval_<tag>.png: the first 64 eval images, 8 per row

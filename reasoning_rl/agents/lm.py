@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 
-import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from reasoning_rl.models import _seeded_init
 
 SPECIAL = ["<|pad|>", "<|im_end|>", "<|unk|>"]
 PUNCTUATION = list(":;>.,-!?'\"()[]/")
@@ -49,12 +50,4 @@ def build_word_lm(words: list[str], seed: int = 0, hidden_size: int = 64, layers
         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, tokenizer
+    return _seeded_init(LlamaForCausalLM, config, seed, tokenizer), tokenizer
