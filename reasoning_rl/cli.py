@@ -70,7 +70,7 @@ def train(
 def eval_(
     model_or_run: Annotated[str, typer.Argument(help="A model (hub id, directory, builtin:...) or a drl reasoning run.")],
     prompts: Annotated[
-        Path | None, typer.Option(help="JSONL problems (problem / answer columns; default: the run's eval.problems).")
+        Path | None, typer.Option(help="JSONL problems (problem / answer columns; default: the run's eval.problems or eval.prompts).")
     ] = None,
     reward: Annotated[str | None, typer.Option("--reward", "-r", help="Reward name (default: the run's reward).")] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Sampled completions per problem (pass@num).")] = 4,
@@ -94,7 +94,7 @@ def eval_(
     with user_errors(_user_errors()):
         import rewards
         from reasoning_rl.config import PromptsConfig, ReasonConfig
-        from reasoning_rl.data import load_problems, rows_to_problems
+        from reasoning_rl.data import held_out_problems, load_problems
         from reasoning_rl.evaluation import evaluate
         from reasoning_rl.inference import load_for_inference
 
@@ -102,8 +102,8 @@ def eval_(
         cfg = run_cfg or ReasonConfig()
         if prompts is not None:
             problems = load_problems(PromptsConfig(**{**cfg.prompts.model_dump(), "source": "jsonl", "path": str(prompts)}))
-        elif run_cfg is not None and run_cfg.eval.problems:
-            problems = rows_to_problems(run_cfg.eval.problems, run_cfg.prompts, "eval.problems")
+        elif run_cfg is not None and run_cfg.has_eval():
+            problems = held_out_problems(run_cfg)
         else:
             raise rewards.RewardError("no evaluation problems: pass --prompts FILE.jsonl (problem / answer columns)")
         reward_fn = rewards.load(reward) if reward else (run_cfg.reward.build() if run_cfg else None)

@@ -28,7 +28,8 @@ class ModelConfig(Section):
     """Causal LM or image-text model: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`, `Qwen/Qwen2-VL-2B-Instruct`), a
     local directory with `config.json`, `builtin:tiny-random-lm` (a tiny random Qwen2 with a character tokenizer)
     or `builtin:tiny-random-vlm` (a tiny random Qwen2-VL with its processor), both built offline, or
-    `builtin:tiny-arith-lm` (a shipped Llama trained on the arithmetic world, `reasoning_rl.world.pretrain`)."""
+    `builtin:tiny-arith-lm` (a shipped Llama trained on the arithmetic world, `reasoning_rl.world.pretrain`) or
+    `builtin:tiny-shapes-vlm` (a shipped Qwen2-VL trained on the visual world, `reasoning_rl.world.pretrain_vlm`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""
     local_files_only: bool = False
@@ -268,6 +269,9 @@ class TrainConfig(Section):
     tokens get the unclipped policy-shaping loss -A * pi / (pi + luffy_gamma). 0 = off."""
     luffy_gamma: float = Field(0.1, gt=0)
     """LUFFY policy-shaping gamma."""
+    luffy_policy_shaping: bool = True
+    """LUFFY: shape the off-policy tokens' loss with f(pi) = pi / (pi + luffy_gamma); false = the plain importance
+    ratio f(pi) = pi (the paper's ablation without policy shaping)."""
     beta: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the reference (the model with LoRA disabled) in the loss."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -291,7 +295,11 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0)
     """Evaluate every N steps (0 = only before and after training when eval.problems are given)."""
     problems: list[dict] = []
-    """Held-out problems (same columns as the training prompts); empty = no evaluation."""
+    """Held-out problems (same columns as the training prompts); empty = no evaluation (unless eval.prompts)."""
+    prompts: PromptsConfig | None = None
+    """Held-out problems from a source instead of a list, e.g. {source: world, world: shapes_vqa, split: eval,
+    size: 200, problem_column: prompt, image_column: image} (a world's eval split; images cannot be written in
+    YAML). Its own column settings apply."""
     num_generations: int = Field(1, ge=1)
     """Sampled completions per held-out problem (pass@n over them; the greedy completion is scored too)."""
     seed: int = 1234
@@ -348,6 +356,10 @@ class ReasonConfig(Section):
     def total_steps(self) -> int:
         return sum(st.num_steps for st in self.curriculum())
 
+    def has_eval(self) -> bool:
+        """Whether held-out problems are configured (eval.problems or eval.prompts)."""
+        return bool(self.eval.problems) or self.eval.prompts is not None
+
     def geometry(self, world_size: int) -> dict[str, int]:
         """Derived batch numbers, printed at start-up."""
         r, t = self.rollout, self.train
@@ -384,6 +396,10 @@ def cross_field_problems(cfg: ReasonConfig) -> list[str]:
     if p.source == "dataset" and not p.dataset:
         problems.append("prompts.source=dataset needs prompts.dataset (a hub id or local path)")
     problems += world_source_problems(p, "prompts")
+    if cfg.eval.prompts is not None:
+        problems += world_source_problems(cfg.eval.prompts, "eval.prompts")
+        if cfg.eval.problems:
+            problems.append("eval.problems and eval.prompts are both set; keep one source of held-out problems")
     for i, st in enumerate(cfg.stages):
         if st.prompts is not None:
             problems += world_source_problems(st.prompts, f"stages[{i}].prompts")

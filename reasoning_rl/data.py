@@ -26,6 +26,16 @@ def load_problems(cfg: PromptsConfig) -> PromptSet:
     return rows_to_problems(rows, cfg, where, base)
 
 
+def held_out_problems(cfg) -> PromptSet | None:
+    """A run's held-out problems (a ReasonConfig): `eval.prompts` loaded as a source, else the `eval.problems` list
+    read with the training prompts' columns; None when neither is set."""
+    if cfg.eval.prompts is not None:
+        return load_problems(cfg.eval.prompts)
+    if cfg.eval.problems:
+        return rows_to_problems(cfg.eval.problems, cfg.prompts, "eval.problems")
+    return None
+
+
 def rows_to_problems(rows: list[dict], cfg: PromptsConfig, where: str, image_dir: Path = Path(".")) -> PromptSet:
     """Rows (mappings of columns) -> PromptSet, checking the configured columns exist."""
     if not rows:

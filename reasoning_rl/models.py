@@ -23,6 +23,7 @@ from transformers import (
 BUILTIN_TINY_LM = "builtin:tiny-random-lm"
 BUILTIN_TINY_VLM = "builtin:tiny-random-vlm"
 BUILTIN_TINY_ARITH_LM = "builtin:tiny-arith-lm"  # shipped weights: reasoning_rl/assets/tiny_lm (reasoning_rl.world)
+BUILTIN_TINY_SHAPES_VLM = "builtin:tiny-shapes-vlm"  # shipped weights: reasoning_rl/assets/tiny_vlm
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A ChatML template (Qwen's shape): what the tiny model's tokenizer formats conversations with.
 # Content is a string or (vision-language) a list of {"type": "image"} / {"type": "text", "text": ...} parts.
@@ -161,16 +162,18 @@ def load_policy(
     if pretrained in (BUILTIN_TINY_LM, BUILTIN_TINY_VLM):
         model, processor = build_tiny_causal_lm(seed) if pretrained == BUILTIN_TINY_LM else build_tiny_vlm(seed)
         return model.to(DTYPES[dtype]), processor
-    if pretrained == BUILTIN_TINY_ARITH_LM:  # a shipped transformers directory, loaded as any local one below
-        from reasoning_rl.world import TINY_ARITH_LM
+    if pretrained in (BUILTIN_TINY_ARITH_LM, BUILTIN_TINY_SHAPES_VLM):  # shipped directories, loaded as local ones
+        from reasoning_rl.world import TINY_ARITH_LM, TINY_SHAPES_VLM
 
-        if not (TINY_ARITH_LM / "config.json").is_file():
-            raise ModelLoadError(f"{BUILTIN_TINY_ARITH_LM}: the shipped model is missing from {TINY_ARITH_LM}; "
-                                 "reinstall drl or train it with `python -m reasoning_rl.world.pretrain`")
-        pretrained = str(TINY_ARITH_LM)
+        shipped, script = ((TINY_ARITH_LM, "pretrain") if pretrained == BUILTIN_TINY_ARITH_LM
+                           else (TINY_SHAPES_VLM, "pretrain_vlm"))
+        if not (shipped / "config.json").is_file():
+            raise ModelLoadError(f"{pretrained}: the shipped model is missing from {shipped}; "
+                                 f"reinstall drl or train it with `python -m reasoning_rl.world.{script}`")
+        pretrained = str(shipped)
     if pretrained.startswith("builtin:"):
         raise ModelLoadError(f"unknown built-in model {pretrained!r}; the built-ins are {BUILTIN_TINY_LM}, "
-                             f"{BUILTIN_TINY_VLM} and {BUILTIN_TINY_ARITH_LM}")
+                             f"{BUILTIN_TINY_VLM}, {BUILTIN_TINY_ARITH_LM} and {BUILTIN_TINY_SHAPES_VLM}")
     local = Path(pretrained)
     if local.exists() and not (local / "config.json").is_file() and not gguf_file:
         raise ModelLoadError(

@@ -65,7 +65,7 @@ from diffusion_rl.core.run import (
 )
 from diffusion_rl.core.tb import Writer
 from reasoning_rl.config import ReasonConfig, dump_config
-from reasoning_rl.data import format_prompt, load_problems, rows_to_problems
+from reasoning_rl.data import format_prompt, held_out_problems, load_problems
 from reasoning_rl.evaluation import evaluate
 from reasoning_rl.gguf_checkpoint import as_plain_checkpoint
 from reasoning_rl.models import load_policy, prepare_trainable, save_trained, set_image_pixels
@@ -114,6 +114,7 @@ class Run(ProcessInfo):
     vllm: object | None = None  # rollout.backend=vllm: the engine (reasoning_rl.vllm_rollout.VLLMRollout)
     tools: dict | None = None  # rollout.tools: the callable tools by name (None = single-turn rollouts)
     tool_state: Callable | None = None  # rollout.tool_state: metadata row -> the rollout's tool state
+    held_out: PromptSet | None = None  # eval.problems / eval.prompts, loaded at the first evaluation
 
     def stateful(self) -> dict:
         return {"curriculum": _Curriculum(self.stages, self.stage_samplers), "entropy_schedule": self.entropy_schedule}
@@ -163,7 +164,7 @@ def train(
             timings = {"generate_s": t_generated - t_step, "train_s": time.perf_counter() - t_generated,
                        "step_s": time.perf_counter() - t_step}
             record = step_record(run, step, rollouts, scores, advantages, losses, timings)
-            if cfg.eval.problems and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < total:
+            if cfg.has_eval() and cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < total:
                 record.update({f"eval/{k}": v for k, v in evaluate_model(run).items()})
             log_step(run, step, record, rollouts, scores)
             result.history.append(record)
@@ -277,7 +278,7 @@ def print_startup(run: Run) -> None:
 
 
 def evaluate_before(run: Run) -> dict | None:
-    if not run.cfg.eval.problems or run.start_step > 0:
+    if not run.cfg.has_eval() or run.start_step > 0:
         return None
     result = evaluate_model(run)
     run.writer.scalars("eval", result, 0)
@@ -301,7 +302,7 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
         run.vllm.sync_weights(run.raw_model)
     if not r.dynamic_sampling:
         rollouts, scores = _generate_round(run, step, 0, batches[0])
-        return rollouts, scores, _importance_info(rollouts)
+        return rollouts, scores, {**_importance_info(rollouts), "generated_tokens": _sampled_tokens(rollouts)}
     sampler = DynamicSampler(target_groups=r.prompts_per_step, max_rounds=rounds)
     parts, scores = [], []
     for round_index, ids in enumerate(batches):
@@ -312,8 +313,17 @@ def generate_step(run: Run, step: int) -> tuple[Rollouts, torch.Tensor, dict]:
             break
     keep = sampler.selected()
     info = {f"dynamic_sampling_{k}": float(v) for k, v in sampler.metrics().items()}
+    info["generated_tokens"] = sum(_sampled_tokens(p) for p in parts)  # discarded rounds cost tokens too
     rollouts = Rollouts.cat(parts).select(keep)
     return rollouts, torch.cat(scores)[keep], {**info, **_importance_info(rollouts)}
+
+
+def _sampled_tokens(rollouts: Rollouts) -> int:
+    """Completion tokens the policy generated (LUFFY's dataset traces are not generated)."""
+    lengths = rollouts.lengths
+    if rollouts.off_policy is not None:
+        lengths = lengths[~rollouts.off_policy.bool()]
+    return int(lengths.sum())
 
 
 def _generate_round(run: Run, step: int, round_index: int, ids: list[int]) -> tuple[Rollouts, torch.Tensor]:
@@ -492,9 +502,9 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
     # log pi_old: the sampling policy. With one pass it equals the current policy (ratio 1, detached), so it is
     # only computed when the batch is reused.
     old_logp = None
-    if t.num_iterations > 1:  # (rollout.backend=vllm with importance sampling has them already: same weights)
+    if t.num_iterations > 1 and len(rollouts):  # (rollout.backend=vllm with importance sampling has them already: same weights)
         old_logp = rollouts.trainer_logp if rollouts.trainer_logp is not None else _log_probs_no_grad(run, rollouts, run.raw_model)
-    ref_logp = _reference_log_probs(run, rollouts) if t.beta > 0 else None
+    ref_logp = _reference_log_probs(run, rollouts) if t.beta > 0 and len(rollouts) else None
     run.model.train()
     metrics, grad_norms = MetricAccumulator(), []
     B, acc = len(rollouts), run.accelerator
@@ -508,7 +518,7 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
         advantages = advantages.to(rollouts.is_weights.device)[:, None] * rollouts.is_weights  # [B, C]
     for iteration in range(t.num_iterations):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, iteration)))
-        micro_batches = list(order.split(t.micro_batch_size))
+        micro_batches = [mb for mb in order.split(t.micro_batch_size) if len(mb)]  # B = 0: none
         entropies, total = [], torch.zeros((), device=device)
         for i, idx in enumerate(tqdm(micro_batches, desc=f"step {step} training", disable=not run.main, leave=False)):
             # gradients are all-reduced once per pass, at its last micro-batch (the same count on every process)
@@ -529,7 +539,8 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
                 old = old_logp[idx] if old_logp is not None else None  # None: on policy, ratio 1 in value
                 if luffy:
                     loss, step_metrics = luffy_loss(logp, old, advantages[idx].to(device), loss_mask[idx].to(device),
-                                                    rollouts.off_policy[idx], gamma=t.luffy_gamma, **common)
+                                                    rollouts.off_policy[idx],
+                                                    gamma=t.luffy_gamma if t.luffy_policy_shaping else None, **common)
                 else:
                     loss, step_metrics = grpo.grpo_loss(
                         logp, old, advantages[idx].to(device), loss_mask[idx].to(device),
@@ -599,6 +610,7 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
     finite = scores_all[torch.isfinite(scores_all)]
     losses = dict(losses)
     losses.pop("updates")
+    generated = acc.gather(torch.tensor([losses.pop("generated_tokens", 0)], device=device)).sum()
     tools = {} if rollouts.tool_stats is None else {
         f"reason/{k}": v for k, v in tool_metrics(acc.gather(rollouts.tool_stats.to(device)).cpu()).items()}
     return {
@@ -620,6 +632,7 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
         "loss/nonfinite_skipped_total": run.guard.nonfinite_skipped,
         **{f"perf/{k}": v for k, v in timings.items()},
         "perf/completions_per_s": len(scores_all) / max(timings["step_s"], 1e-9),
+        "perf/generated_tokens": int(generated),  # this step, all processes (with dynamic sampling: every round)
     }
 
 
@@ -654,7 +667,9 @@ def log_step(run: Run, step: int, record: dict, rollouts: Rollouts, scores: torc
 def evaluate_model(run: Run) -> dict[str, float]:
     """`reasoning_rl.evaluation.evaluate` on the held-out problems (what `drl reason eval` reports)."""
     cfg, r = run.cfg, run.cfg.rollout
-    held_out = rows_to_problems(cfg.eval.problems, cfg.prompts, "eval.problems")
+    if run.held_out is None:  # loaded once (a generated source is not re-drawn at every evaluation)
+        run.held_out = held_out_problems(cfg)
+    held_out = run.held_out
     if run.tools is not None:
         texts = [format_prompt(run.processor, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template)
                  for p in held_out.prompts]
@@ -679,7 +694,7 @@ def save_checkpoint(run: Run, steps_done: int) -> None:
 
 def finish(run: Run, result: TrainResult) -> None:
     cfg = run.cfg
-    if cfg.eval.problems:
+    if cfg.has_eval():
         result.eval_after = evaluate_model(run)
         run.writer.scalars("eval", result.eval_after, cfg.total_steps())
         if run.main:

@@ -94,6 +94,16 @@ def test_luffy_off_policy_tokens_value_gradient_and_metrics_by_hand():
     assert all(v.dtype == torch.float32 and not v.requires_grad for v in met.values())
 
 
+def test_luffy_without_policy_shaping_is_the_plain_ratio_pi():
+    # gamma=None (the paper's no-shaping ablation): off tokens l = -A pi = -2 * [0.4, 0.1], d/d logp = -A pi
+    lp_new, lp_old, adv, off = _toy_luffy()
+    loss, met = luffy_loss(lp_new, lp_old, adv, torch.ones(2, 2), off, gamma=None, aggregation="bnpo")
+    close(loss, (1 + 1 - 0.8 - 0.2) / 4)
+    loss.backward()
+    close(lp_new.grad, [[0.25, 0.25], [-2 * 0.4 / 4, -2 * 0.1 / 4]])
+    close(met["off_policy_shaped"], (0.4 + 0.1) / 2)
+
+
 def test_luffy_off_policy_is_unclipped():
     # A trace token at pi = 0.999 has "ratio" far outside any clip range if one were computed against
     # logp_old = log(0.001); LUFFY has no ratio there, so the loss is -A f(pi) and the gradient flows.

@@ -289,6 +289,17 @@ def test_pad_trains_on_a_priority_draw_of_the_completions(tmp_path):
     assert row["loss/grad_norm"] > 0
 
 
+def test_pad_with_no_completion_in_its_band_skips_the_update_without_error(tmp_path):
+    # every reward equal: every advantage is 0, below pad_t_low, so PAD keeps nothing; with a KL term and two passes
+    # the empty batch reaches the reference and old log-probs too
+    cfg = _tiny(tmp_path, "num_steps=2", "advantage.pad=true", "rollout.max_new_tokens=4", "eval.problems=[]",
+                "train.beta=0.1", "train.num_iterations=2")
+    rows = train(cfg, reward_fn=lambda c, p, m: (torch.ones(len(c)), {})).history
+    assert [r["loss/pad_num_selected"] for r in rows] == [0, 0]
+    assert all(r["loss/grad_norm"] == 0.0 for r in rows)
+    assert all(r["perf/generated_tokens"] > 0 for r in rows)
+
+
 def test_luffy_mixes_off_policy_traces_into_each_group(tmp_path):
     traces = tmp_path / "luffy.jsonl"
     traces.write_text("".join(json.dumps({"problem": f"{a}+{b}=", "answer": str(a + b), "trace": f"{a}+{b}={a + b}"})

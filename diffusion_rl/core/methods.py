@@ -119,7 +119,7 @@ def luffy_loss(
     mask: Tensor | None,
     off_policy: Tensor,
     *,
-    gamma: float = LUFFY_GAMMA,
+    gamma: float | None = LUFFY_GAMMA,
     ratio_level: str = "token",
     clip_low: float = 0.2,
     clip_high: float | None = None,
@@ -141,6 +141,8 @@ def luffy_loss(
                           (r = importance_ratio(logp_new, logp_old) at ``ratio_level``; dual clip optional)
         off-policy token  l = -A f(pi),  f(pi) = pi / (pi + gamma)   (:func:`policy_shaping`; no ratio
                           and no clip: the traces' behaviour policy is unknown, LUFFY takes it as 1)
+                          gamma=None: no shaping, f(pi) = pi (LUFFY's ``off_policy_reshape="no_reshape"``
+                          ablation: the importance ratio pi / 1)
         loss              = agg(l) - entropy_coef * H̄          (agg = grpo.aggregate: grpo / bnpo / dapo /
                                                                dr_grpo, one reduction over all tokens)
 
@@ -194,7 +196,8 @@ def luffy_loss(
     ratio = importance_ratio(lp_new, lp_old, m_on, ratio_level)  # [B, T]
     l_on = clipped_surrogate(ratio, adv, clip_low, clip_low if clip_high is None else clip_high, dual_clip)
     # Off-policy: -A f(pi), logp_new masked to trace tokens before the sigmoid.
-    shaped = policy_shaping(torch.where(off_tok, lp_new, zero), gamma)  # [B, T]
+    off_logp = torch.where(off_tok, lp_new, zero)
+    shaped = off_logp.exp() if gamma is None else policy_shaping(off_logp, gamma)  # [B, T]
     per_elem = torch.where(off_tok, -adv * shaped, l_on)  # [B, T]
 
     def agg(values: Tensor) -> Tensor:

@@ -6,7 +6,9 @@
 * ``reasoning_rl.world.gym``        - reasoning-gym tasks as a prompt source
 * ``reasoning_rl.world.gym_reward`` - reasoning-gym's verifiers as the reward ``reasoning_gym``
 * ``reasoning_rl.world.pretrain``   - the from-scratch training script of the shipped tiny LM
+* ``reasoning_rl.world.pretrain_vlm`` - the training script of the shipped tiny vision-language model
 * ``TINY_ARITH_LM``                 - the shipped model directory (``model.pretrained: builtin:tiny-arith-lm``)
+* ``TINY_SHAPES_VLM``               - the shipped Qwen2-VL directory (``model.pretrained: builtin:tiny-shapes-vlm``)
 
 In a config: ``prompts: {source: world, world: arithmetic, problem_column: prompt, solution_column: solution}``
 (see ``configs/reason_default.yaml``), ``prompts: {source: reasoning_gym, tasks: [chain_sum], problem_column:
@@ -19,6 +21,7 @@ Importing this package registers the ``reasoning_gym`` reward in ``rewards`` (th
 from pathlib import Path
 
 TINY_ARITH_LM = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm"
+TINY_SHAPES_VLM = Path(__file__).resolve().parent.parent / "assets" / "tiny_vlm"
 
 
 def _register_rewards() -> None:
@@ -34,4 +37,4 @@ def _register_rewards() -> None:
 
 _register_rewards()
 
-__all__ = ["TINY_ARITH_LM"]
+__all__ = ["TINY_ARITH_LM", "TINY_SHAPES_VLM"]
