@@ -106,7 +106,8 @@ def eval_(
             problems = held_out_problems(run_cfg)
         else:
             raise rewards.RewardError("no evaluation problems: pass --prompts FILE.jsonl (problem / answer columns)")
-        reward_fn = rewards.load(reward) if reward else (run_cfg.reward.build() if run_cfg else None)
+        run_reward = run_cfg and (run_cfg.eval.reward or run_cfg.reward)  # the run's evaluation reward
+        reward_fn = rewards.load(reward) if reward else (run_reward.build() if run_reward else None)
         if reward_fn is None:
             raise rewards.RewardError("no reward to evaluate with: pass --reward NAME (see `drl reward list`)")
         r = cfg.rollout

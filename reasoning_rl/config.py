@@ -300,6 +300,9 @@ class EvalConfig(Section):
     """Held-out problems from a source instead of a list, e.g. {source: world, world: shapes_vqa, split: eval,
     size: 200, problem_column: prompt, image_column: image} (a world's eval split; images cannot be written in
     YAML). Its own column settings apply."""
+    reward: RewardConfig | None = None
+    """The reward the held-out completions are scored with (e.g. exact_match when training on a shaped reward);
+    null = the training reward."""
     num_generations: int = Field(1, ge=1)
     """Sampled completions per held-out problem (pass@n over them; the greedy completion is scored too)."""
     seed: int = 1234

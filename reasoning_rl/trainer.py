@@ -115,6 +115,7 @@ class Run(ProcessInfo):
     tools: dict | None = None  # rollout.tools: the callable tools by name (None = single-turn rollouts)
     tool_state: Callable | None = None  # rollout.tool_state: metadata row -> the rollout's tool state
     held_out: PromptSet | None = None  # eval.problems / eval.prompts, loaded at the first evaluation
+    eval_reward_fn: rewards.RewardFn | None = None  # eval.reward (None: the training reward)
 
     def stateful(self) -> dict:
         return {"curriculum": _Curriculum(self.stages, self.stage_samplers), "entropy_schedule": self.entropy_schedule}
@@ -670,16 +671,18 @@ def evaluate_model(run: Run) -> dict[str, float]:
     if run.held_out is None:  # loaded once (a generated source is not re-drawn at every evaluation)
         run.held_out = held_out_problems(cfg)
     held_out = run.held_out
+    if run.eval_reward_fn is None:
+        run.eval_reward_fn = cfg.eval.reward.build() if cfg.eval.reward is not None else run.reward_fn
     if run.tools is not None:
         texts = [format_prompt(run.processor, p, cfg.prompts.system_prompt, cfg.prompts.use_chat_template)
                  for p in held_out.prompts]
         return evaluate_with_tools(
-            run.raw_model, run.processor, texts, held_out.prompts, held_out.metadata, run.reward_fn, tools=run.tools,
+            run.raw_model, run.processor, texts, held_out.prompts, held_out.metadata, run.eval_reward_fn, tools=run.tools,
             max_rounds=r.max_tool_rounds, make_state=run.tool_state, observation_template=r.tool_observation_template,
             num_samples=cfg.eval.num_generations, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
             top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size, seed=cfg.eval.seed)
     results, _ = evaluate(
-        run.raw_model, run.processor, held_out, run.reward_fn, num_samples=cfg.eval.num_generations,
+        run.raw_model, run.processor, held_out, run.eval_reward_fn, num_samples=cfg.eval.num_generations,
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         stop_strings=r.stop_strings, batch_size=r.batch_size, system_prompt=cfg.prompts.system_prompt,
         use_chat_template=cfg.prompts.use_chat_template, seed=cfg.eval.seed,

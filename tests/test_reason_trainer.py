@@ -404,3 +404,14 @@ def test_dapo_over_two_ranks_equals_one_rank_on_the_same_completions(tmp_path):
         norms[aggregation] = (json.loads((one / "grad_norm_0.json").read_text())["grad_norm"], ranks[0]["grad_norm"])
     assert norms["dapo"][1] == pytest.approx(norms["dapo"][0], rel=1e-5)
     assert norms["bnpo"][1] != pytest.approx(norms["bnpo"][0], rel=1e-3)
+
+
+def test_eval_reward_scores_the_held_out_problems_instead_of_the_training_reward(tmp_path):
+    def constant(completions, prompts, metadata):  # a "shaped" training reward
+        return torch.full((len(completions),), 0.7), {}
+
+    sets = ["num_steps=1", "rollout.max_new_tokens=2"]
+    plain = train(_tiny(tmp_path / "a", *sets), reward_fn=constant)
+    assert plain.eval_after["greedy_reward"] == pytest.approx(0.7)  # no eval.reward: the training reward
+    scored = train(_tiny(tmp_path / "b", *sets, "eval.reward={name: exact_match}"), reward_fn=constant)
+    assert all(scored.eval_after[k] in (0.0, 0.5, 1.0) for k in ("greedy_reward", "sampled_reward"))  # 2 problems

@@ -276,3 +276,23 @@ def test_reason_default_config_holds_out_the_pretraining_eval_set_and_trains(tmp
     result = train(short)
     assert set(result.eval_before) >= {"greedy_reward"} and result.eval_after is not None
     assert len(result.history) == 1 and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_arithmetic_steps_reward_credits_the_leading_reference_steps():
+    import rewards
+
+    fn = rewards.load("arithmetic_steps", step_weight=0.5)
+    problem = text.generate_problems(1, "train", steps=(2,), seed=0)[0]
+    first, second = problem.solution.split("<think>")[1].split("</think>")[0].split("; ")
+    wrong_second = f"{second.split('=')[0]}={int(second.split('=')[1]) + 1}"
+    meta = [{"answer": str(problem.answer), "solution": problem.solution}] * 4 + [{"answer": "1"}]
+    completions = [problem.solution,  # all steps and the answer
+                   f"<think>{first}; {wrong_second}</think><answer>{problem.answer + 1}</answer>",  # 1 of 2 steps
+                   f"<think>{wrong_second}; {first}</think><answer>{problem.answer}</answer>",  # answer, no leading step
+                   "no trace", "<answer>1</answer>"]
+    scores, info = fn(completions, None, meta)
+    torch.testing.assert_close(scores[:4], torch.tensor([1.5, 0.25, 1.0, 0.0]))
+    assert torch.isnan(scores[4]) and info["unscorable"] == 1  # no reference solution: unscorable, not 0
+    torch.testing.assert_close(info["components"]["steps"][:4], torch.tensor([1.0, 0.5, 0.0, 0.0]))
+    with pytest.raises(rewards.RewardError, match="step_weight must be"):
+        rewards.load("arithmetic_steps", step_weight=-1)
