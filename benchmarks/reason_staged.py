@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "reason_staged.jsonl"
 CONFIG = ROOT / "configs" / "reason_vqa.yaml"
-STAGE_STEPS = (15, 30, 15)
+STAGE_STEPS = (10, 20, 10)
 COMMON = ["rollout.prompts_per_step=8", "eval.prompts=null", "checkpoint.every=0", "logging.completions_every=0"]
 TEXT = ["prompts={source: world, world: arithmetic, split: train, size: 2000, problem_column: prompt, "
         "answer_column: answer, image_column: null}", "rollout.max_new_tokens=64"]
