@@ -40,6 +40,13 @@ def evaluate(
                              stop_strings=list(stop_strings) or None, tokenizer=tokenizer if stop_strings else None)
         greedy_text += tokenizer.batch_decode(out[:, prompts.prompt_ids.shape[1]:], skip_special_tokens=True)
     greedy_scores, _ = reward_fn(greedy_text, problems.prompts, problems.metadata)
+    if len(greedy_text) and bool(torch.isnan(greedy_scores.float()).all()):
+        # NaN counts as 0 below, so an eval the reward cannot score at all would read as accuracy 0.0 all run long
+        raise ValueError(
+            f"the eval reward could not score any of the {len(greedy_text)} held-out problems (every score NaN = "
+            f"unscorable): they lack what the reward needs, e.g. a reference `solution` for arithmetic_steps. Score "
+            "them with a reward that needs only the answer: eval.reward: {name: exact_match, options: {extract: "
+            "[answer]}}, or give the problems the missing column.")
     rng = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

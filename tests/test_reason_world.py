@@ -296,3 +296,20 @@ def test_arithmetic_steps_reward_credits_the_leading_reference_steps():
     torch.testing.assert_close(info["components"]["steps"][:4], torch.tensor([1.0, 0.5, 0.0, 0.0]))
     with pytest.raises(rewards.RewardError, match="step_weight must be"):
         rewards.load("arithmetic_steps", step_weight=-1)
+
+
+def test_an_eval_the_reward_cannot_score_is_an_error_not_accuracy_zero(tmp_path):
+    """Training on arithmetic_steps with eval problems that carry only answers used to log eval accuracy 0.0."""
+    from diffusion_rl.core.prompts import PromptSet
+    from reasoning_rl.evaluation import evaluate
+    from reasoning_rl.models import load_policy
+    import rewards
+
+    model, tokenizer = load_policy("builtin:tiny-arith-lm")
+    problem = text.generate_problems(1, "eval", steps=(1,), seed=0)[0]
+    answers_only = PromptSet([problem.prompt], [{"answer": str(problem.answer)}])
+    with pytest.raises(ValueError, match=r"could not score any of the 1 held-out.*eval.reward: \{name: exact_match"):
+        evaluate(model, tokenizer, answers_only, rewards.load("arithmetic_steps"), max_new_tokens=4)
+    with_solution = PromptSet([problem.prompt], [{"answer": str(problem.answer), "solution": problem.solution}])
+    results, _ = evaluate(model, tokenizer, with_solution, rewards.load("arithmetic_steps"), max_new_tokens=48)
+    assert 0.0 <= results["greedy_reward"] <= 1.5
