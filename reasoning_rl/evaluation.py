@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_rl.core.prompts import PromptSet
+from rewards.base import RewardError
 from reasoning_rl.data import format_prompt
 from reasoning_rl.rollout import encode_prompts, generate
 
@@ -42,7 +43,7 @@ def evaluate(
     greedy_scores, _ = reward_fn(greedy_text, problems.prompts, problems.metadata)
     if len(greedy_text) and bool(torch.isnan(greedy_scores.float()).all()):
         # NaN counts as 0 below, so an eval the reward cannot score at all would read as accuracy 0.0 all run long
-        raise ValueError(
+        raise RewardError(
             f"the eval reward could not score any of the {len(greedy_text)} held-out problems (every score NaN = "
             f"unscorable): they lack what the reward needs, e.g. a reference `solution` for arithmetic_steps. Score "
             "them with a reward that needs only the answer: eval.reward: {name: exact_match, options: {extract: "

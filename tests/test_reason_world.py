@@ -308,7 +308,7 @@ def test_an_eval_the_reward_cannot_score_is_an_error_not_accuracy_zero(tmp_path)
     model, tokenizer = load_policy("builtin:tiny-arith-lm")
     problem = text.generate_problems(1, "eval", steps=(1,), seed=0)[0]
     answers_only = PromptSet([problem.prompt], [{"answer": str(problem.answer)}])
-    with pytest.raises(ValueError, match=r"could not score any of the 1 held-out.*eval.reward: \{name: exact_match"):
+    with pytest.raises(rewards.RewardError, match=r"could not score any of the 1 held-out.*eval.reward: \{name: exact_match"):
         evaluate(model, tokenizer, answers_only, rewards.load("arithmetic_steps"), max_new_tokens=4)
     with_solution = PromptSet([problem.prompt], [{"answer": str(problem.answer), "solution": problem.solution}])
     results, _ = evaluate(model, tokenizer, with_solution, rewards.load("arithmetic_steps"), max_new_tokens=48)
