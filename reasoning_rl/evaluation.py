@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from diffusion_rl.core.prompts import PromptSet
-from rewards.base import RewardError
 from reasoning_rl.data import format_prompt
 from reasoning_rl.rollout import encode_prompts, generate
+from rewards.base import RewardError
 
 
 @torch.no_grad()

@@ -298,12 +298,12 @@ def test_arithmetic_steps_reward_credits_the_leading_reference_steps():
         rewards.load("arithmetic_steps", step_weight=-1)
 
 
-def test_an_eval_the_reward_cannot_score_is_an_error_not_accuracy_zero(tmp_path):
+def test_an_eval_the_reward_cannot_score_is_an_error_not_accuracy_zero():
     """Training on arithmetic_steps with eval problems that carry only answers used to log eval accuracy 0.0."""
+    import rewards
     from diffusion_rl.core.prompts import PromptSet
     from reasoning_rl.evaluation import evaluate
     from reasoning_rl.models import load_policy
-    import rewards
 
     model, tokenizer = load_policy("builtin:tiny-arith-lm")
     problem = text.generate_problems(1, "eval", steps=(1,), seed=0)[0]
