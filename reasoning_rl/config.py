@@ -217,6 +217,15 @@ class AdvantageConfig(Section):
     """PAD: draw with replacement (the released code) or without (each completion at most once)."""
 
 
+class CreditConfig(Section):
+    kind: Literal["sparse", "arithmetic_facts"] = "sparse"
+    """sparse: every token of a completion gets its outcome advantage (GRPO); arithmetic_facts: the result tokens of
+    each equation the completion writes in its <think> block also get +weight when the equation is a true fact and
+    -weight when not (reasoning_rl.world.fact_credit; the arithmetic world's traces)."""
+    weight: float = Field(0.5, ge=0)
+    """Size of a verified step's credit, in units of the outcome advantage (which GRPO scales to unit group std)."""
+
+
 class TrainConfig(Section):
     learning_rate: float = Field(1e-5, gt=0)
     """AdamW learning rate (the peak, when lr_schedule is not constant)."""
@@ -340,6 +349,7 @@ class ReasonConfig(Section):
     prompts: PromptsConfig = PromptsConfig()
     reward: RewardConfig = RewardConfig(name="math_answer")
     advantage: AdvantageConfig = AdvantageConfig()
+    credit: CreditConfig = CreditConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

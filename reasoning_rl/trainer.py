@@ -14,6 +14,8 @@ with "epoch" -> "step" and trajectories -> completions):
                           and masked out of the loss, reasoning_rl.tools.rollout); the reward scores them
       compute_advantages  per-group standardisation over each problem's G completions (GRPO; Dr.GRPO without
                           the std), NaN rewards -> advantage 0
+      add_step_credit     (credit.kind != sparse) a verifier's +-weight on the tokens of each checked step
+                          (arithmetic_facts: each equation's result), making the advantages [B, C]
       train_step          `num_iterations` passes over the completions in micro-batches: recompute
                           log pi_theta per token (temperature applied, fp32), token or sequence (GSPO) ratio,
                           clipped surrogate (clip-higher, dual clip) + beta * KL to the adapter-disabled model
@@ -65,6 +67,7 @@ from diffusion_rl.core.run import (
 )
 from diffusion_rl.core.tb import Writer
 from reasoning_rl.config import ReasonConfig, dump_config
+from reasoning_rl.credit import step_credit
 from reasoning_rl.data import format_prompt, held_out_problems, load_problems
 from reasoning_rl.evaluation import evaluate
 from reasoning_rl.gguf_checkpoint import as_plain_checkpoint
@@ -161,7 +164,9 @@ def train(
                 t_generated = time.perf_counter()
                 advantages = compute_advantages(run, rollouts, scores, advantage_fn)
                 trained, trained_advantages, pad_info = select_for_training(run, rollouts, advantages, step)
-                losses = {**train_step(run, trained, trained_advantages, step), **sampling_info, **pad_info}
+                trained_advantages, credit_info = add_step_credit(run, trained, trained_advantages)
+                losses = {**train_step(run, trained, trained_advantages, step), **sampling_info, **pad_info,
+                          **credit_info}
             timings = {"generate_s": t_generated - t_step, "train_s": time.perf_counter() - t_generated,
                        "step_s": time.perf_counter() - t_step}
             record = step_record(run, step, rollouts, scores, advantages, losses, timings)
@@ -486,6 +491,20 @@ def select_for_training(run: Run, rollouts: Rollouts, advantages: torch.Tensor, 
     return rollouts.select(index), advantages[index], {f"pad_{k}": float(v) for k, v in metrics.items()}
 
 
+def add_step_credit(run: Run, rollouts: Rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """credit.kind sparse: the [B] advantages unchanged. Else [B, C] fp32: each token's outcome advantage plus
+    credit.weight x the verifier's sign (+1 right, -1 wrong, 0 unchecked) of the step the token writes."""
+    c = run.cfg.credit
+    if c.kind == "sparse" or not len(rollouts):
+        return advantages, {}
+    tokenizer = getattr(run.processor, "tokenizer", run.processor)
+    credit, info = step_credit(c.kind, tokenizer, rollouts.completions, rollouts.completion_ids.cpu(),
+                               rollouts.completion_mask.cpu())  # [B, C]
+    if rollouts.off_policy is not None:  # LUFFY's dataset traces are right by construction: outcome credit only
+        credit[rollouts.off_policy.bool().cpu()] = 0.0
+    return advantages.float()[:, None] + c.weight * credit, info
+
+
 # ================================================================================================
 # 3. training
 # ================================================================================================
@@ -516,7 +535,8 @@ def train_step(run: Run, rollouts: Rollouts, advantages: torch.Tensor, step: int
     entropy_coef = run.entropy_schedule.value()
     luffy = rollouts.off_policy is not None and bool(rollouts.off_policy.any())
     if rollouts.is_weights is not None:  # vLLM importance sampling: per-token loss x w == the advantage x w (w >= 0)
-        advantages = advantages.to(rollouts.is_weights.device)[:, None] * rollouts.is_weights  # [B, C]
+        advantages = advantages.to(rollouts.is_weights.device)
+        advantages = (advantages[:, None] if advantages.dim() == 1 else advantages) * rollouts.is_weights  # [B, C]
     for iteration in range(t.num_iterations):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(derive_seed(cfg.seed, step, run.rank, iteration)))
         micro_batches = [mb for mb in order.split(t.micro_batch_size) if len(mb)]  # B = 0: none
@@ -629,7 +649,7 @@ def step_record(run: Run, step: int, rollouts: Rollouts, scores: torch.Tensor, a
         "reason/advantage_abs_mean": float(advantages.abs().mean()),
         **tools,
         "loss/learning_rate": run.lr_scheduler.get_last_lr()[0],
-        **{f"loss/{k}": v for k, v in losses.items()},
+        **{(k if k.startswith("credit/") else f"loss/{k}"): v for k, v in losses.items()},  # credit/: add_step_credit
         "loss/nonfinite_skipped_total": run.guard.nonfinite_skipped,
         **{f"perf/{k}": v for k, v in timings.items()},
         "perf/completions_per_s": len(scores_all) / max(timings["step_s"], 1e-9),
