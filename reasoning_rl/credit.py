@@ -1,7 +1,7 @@
 """Token-level step credit: character spans of a completion judged right (+1) or wrong (-1) by a verifier become a
 [B, C] credit added to the outcome advantage of the tokens that wrote them (`credit.kind`, not `sparse`).
 
-    char_ends = token_char_ends(tokenizer, completion_ids, completion_mask)    # per row: end offset of each token
+    char_ends = token_char_ends(tokenizer, completion_ids, completion_mask, texts)  # per row: end offset of each token
     credit = spans_to_token_credit(spans, char_ends, C)                        # [B, C] fp32 in {-1, 0, +1}
     advantages = outcome_advantages[:, None] + weight * credit                 # [B, C]
 
@@ -27,16 +27,17 @@ def _arithmetic_facts(text: str) -> list[tuple[int, int, float]]:
 VERIFIERS: dict[str, Callable[[str], list[tuple[int, int, float]]]] = {"arithmetic_facts": _arithmetic_facts}
 
 
-def token_char_ends(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[list[int]]:
-    """For each row, the end offset (exclusive) of each real completion token in the text decoded without special
-    tokens, which is the text the reward and the verifier read. Each distinct id is decoded once and the pieces
-    are concatenated; where they do not add up to the row's decoded text (tokenizers that merge bytes or spaces
-    across tokens), that row falls back to decoding every prefix."""
+def token_char_ends(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    texts: Sequence[str]) -> list[list[int]]:
+    """For each row, the end offset (exclusive) of each real completion token in `texts` (the completions decoded
+    without special tokens: what the reward and the verifier read). Each distinct id is decoded once and the pieces
+    are concatenated; where they do not add up to the row's text (tokenizers that merge bytes or spaces across
+    tokens), that row falls back to decoding every prefix."""
     ids = completion_ids.tolist()
     lengths = completion_mask.sum(1).tolist()
     piece: dict[int, str] = {}
     ends = []
-    for row, n in zip(ids, lengths, strict=True):
+    for row, n, text in zip(ids, lengths, texts, strict=True):
         row = row[:n]
         for token in row:
             if token not in piece:
@@ -45,7 +46,7 @@ def token_char_ends(tokenizer, completion_ids: torch.Tensor, completion_mask: to
         for token in row:
             total += len(piece[token])
             offsets.append(total)
-        if "".join(piece[t] for t in row) != tokenizer.decode(row, skip_special_tokens=True):
+        if total != len(text) or "".join(piece[t] for t in row) != text:
             offsets = [len(tokenizer.decode(row[: t + 1], skip_special_tokens=True)) for t in range(len(row))]
         ends.append(offsets)
     return ends
@@ -73,7 +74,7 @@ def step_credit(kind: str, tokenizer, completions: Sequence[str], completion_ids
     if kind not in VERIFIERS:
         raise ValueError(f"unknown credit.kind {kind!r}; use 'sparse' or one of {sorted(VERIFIERS)}")
     spans = [VERIFIERS[kind](text) for text in completions]
-    ends = token_char_ends(tokenizer, completion_ids, completion_mask)
+    ends = token_char_ends(tokenizer, completion_ids, completion_mask, completions)
     credit = spans_to_token_credit(spans, ends, completion_ids.shape[1])
     signs = [sign for row in spans for _, _, sign in row]
     right = sum(1 for sign in signs if sign > 0)

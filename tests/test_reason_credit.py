@@ -36,7 +36,7 @@ def test_token_char_ends_match_prefix_decoding_and_the_credit_lands_on_result_to
     mask = torch.zeros(2, width, dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, : len(row)], mask[b, : len(row)] = torch.tensor(row), 1
-    ends = token_char_ends(tokenizer, ids, mask)
+    ends = token_char_ends(tokenizer, ids, mask, texts)
     for b, row in enumerate(rows):  # the fast path equals decoding every prefix (the eos decodes to nothing)
         assert ends[b] == [len(tokenizer.decode(row[: t + 1], skip_special_tokens=True)) for t in range(len(row))]
     credit, info = step_credit("arithmetic_facts", tokenizer, texts, ids, mask)

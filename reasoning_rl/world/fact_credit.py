@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import re
 
-THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+from reasoning_rl.world.steps_reward import THINK
+
 EQUATION = re.compile(r"\s*(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(\d+)\s*$")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
