@@ -28,7 +28,9 @@ class ModelConfig(Section):
     """Causal LM or image-text model: a hub id (e.g. `Qwen/Qwen2.5-0.5B-Instruct`, `Qwen/Qwen2-VL-2B-Instruct`), a
     local directory with `config.json`, `builtin:tiny-random-lm` (a tiny random Qwen2 with a character tokenizer)
     or `builtin:tiny-random-vlm` (a tiny random Qwen2-VL with its processor), both built offline, or
-    `builtin:tiny-arith-lm` (a shipped Llama trained on the arithmetic world, `reasoning_rl.world.pretrain`) or
+    `builtin:tiny-arith-lm` (a shipped Llama trained on the arithmetic world, `reasoning_rl.world.pretrain`),
+    `builtin:tiny-arith-lm-mixed` (the same further trained on a corpus where half of the solutions are bare
+    answers: it often answers without working, the room `configs/reason_default.yaml` trains into) or
     `builtin:tiny-shapes-vlm` (a shipped Qwen2-VL trained on the visual world, `reasoning_rl.world.pretrain_vlm`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; pin it for reproducibility."""

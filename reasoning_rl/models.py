@@ -24,6 +24,9 @@ BUILTIN_TINY_LM = "builtin:tiny-random-lm"
 BUILTIN_TINY_VLM = "builtin:tiny-random-vlm"
 BUILTIN_TINY_ARITH_LM = "builtin:tiny-arith-lm"  # shipped weights: reasoning_rl/assets/tiny_lm (reasoning_rl.world)
 BUILTIN_TINY_SHAPES_VLM = "builtin:tiny-shapes-vlm"  # shipped weights: reasoning_rl/assets/tiny_vlm
+# shipped weights: reasoning_rl/assets/tiny_lm_mixed, the arithmetic LM further trained on a corpus where half of the
+# solutions are bare answers (it often answers without working; configs/reason_default.yaml's policy)
+BUILTIN_TINY_ARITH_LM_MIXED = "builtin:tiny-arith-lm-mixed"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A ChatML template (Qwen's shape): what the tiny model's tokenizer formats conversations with.
 # Content is a string or (vision-language) a list of {"type": "image"} / {"type": "text", "text": ...} parts.
@@ -152,6 +155,14 @@ def vision_tower(model):
 # --------------------------------------------------------------------------------------------
 
 
+# built-in name -> (its directory's name in reasoning_rl.world, the script that trains it)
+SHIPPED_MODELS = {
+    BUILTIN_TINY_ARITH_LM: ("TINY_ARITH_LM", "pretrain"),
+    BUILTIN_TINY_ARITH_LM_MIXED: ("TINY_ARITH_LM_MIXED", "pretrain"),
+    BUILTIN_TINY_SHAPES_VLM: ("TINY_SHAPES_VLM", "pretrain_vlm"),
+}
+
+
 def load_policy(
     pretrained: str, revision: str | None = None, dtype: str = "float32", local_files_only: bool = False,
     trust_remote_code: bool = False, gguf_file: str | None = None, seed: int = 0,
@@ -162,18 +173,18 @@ def load_policy(
     if pretrained in (BUILTIN_TINY_LM, BUILTIN_TINY_VLM):
         model, processor = build_tiny_causal_lm(seed) if pretrained == BUILTIN_TINY_LM else build_tiny_vlm(seed)
         return model.to(DTYPES[dtype]), processor
-    if pretrained in (BUILTIN_TINY_ARITH_LM, BUILTIN_TINY_SHAPES_VLM):  # shipped directories, loaded as local ones
-        from reasoning_rl.world import TINY_ARITH_LM, TINY_SHAPES_VLM
+    if pretrained in SHIPPED_MODELS:  # shipped directories, loaded as local ones
+        from reasoning_rl import world
 
-        shipped, script = ((TINY_ARITH_LM, "pretrain") if pretrained == BUILTIN_TINY_ARITH_LM
-                           else (TINY_SHAPES_VLM, "pretrain_vlm"))
+        directory, script = SHIPPED_MODELS[pretrained]
+        shipped = getattr(world, directory)
         if not (shipped / "config.json").is_file():
             raise ModelLoadError(f"{pretrained}: the shipped model is missing from {shipped}; "
                                  f"reinstall drl or train it with `python -m reasoning_rl.world.{script}`")
         pretrained = str(shipped)
     if pretrained.startswith("builtin:"):
-        raise ModelLoadError(f"unknown built-in model {pretrained!r}; the built-ins are {BUILTIN_TINY_LM}, "
-                             f"{BUILTIN_TINY_VLM}, {BUILTIN_TINY_ARITH_LM} and {BUILTIN_TINY_SHAPES_VLM}")
+        raise ModelLoadError(f"unknown built-in model {pretrained!r}; the built-ins are "
+                             f"{', '.join([BUILTIN_TINY_LM, BUILTIN_TINY_VLM, *SHIPPED_MODELS])}")
     local = Path(pretrained)
     if local.exists() and not (local / "config.json").is_file() and not gguf_file:
         raise ModelLoadError(

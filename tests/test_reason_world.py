@@ -14,7 +14,8 @@ from PIL import Image
 
 from reasoning_rl.config import load_config
 from reasoning_rl.data import load_problems
-from reasoning_rl.world import TINY_ARITH_LM, text, visual
+from reasoning_rl.world import TINY_ARITH_LM, TINY_ARITH_LM_MIXED, text, visual
+from reasoning_rl.world.pretrain import with_bare_answers
 from rewards.text import ExactMatchReward, ThinkAnswerFormatReward
 
 REPO = Path(__file__).parents[1]
@@ -235,6 +236,36 @@ def test_the_shipped_tiny_lm_loads_and_solves_held_out_problems():
         assert result[f"accuracy_steps_{steps}"] >= floor, result
 
 
+def test_the_shipped_mixed_lm_answers_some_problems_bare_and_works_the_others_out():
+    """builtin:tiny-arith-lm-mixed is the room configs/reason_default.yaml trains into: it must still work some
+    problems out (otherwise GRPO's groups have no worked sample to reinforce) and answer others bare."""
+    from reasoning_rl.models import load_policy
+    from reasoning_rl.world.pretrain import eval_problems, greedy_accuracy
+
+    report = json.loads((TINY_ARITH_LM_MIXED / "training_report.json").read_text())
+    assert report["args"]["bare_share"] == 0.5 and report["args"]["init"].endswith("tiny_lm")
+    model, tokenizer = load_policy("builtin:tiny-arith-lm-mixed")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    result = greedy_accuracy(model, tokenizer, eval_problems(16, seed=0, steps=(1, 2)))
+    # measured: 0.44 of the 32 greedy completions worked out, accuracy 0.41 (builtin:tiny-arith-lm: 1.00 and 0.75)
+    assert result["format"] == 1.0 and 0.15 <= result["worked"] <= 0.85, result
+    assert 0.15 <= result["accuracy"] <= 0.65, result
+
+
+def test_bare_answers_replace_a_seeded_share_of_the_solutions():
+    problems = text.generate_problems(400, "train", seed=0, unique=False)
+    assert with_bare_answers(problems, 0.0, seed=0) == problems  # the default corpus is the worked one
+    mixed = with_bare_answers(problems, 0.5, seed=0)
+    assert mixed == with_bare_answers(problems, 0.5, seed=0) != with_bare_answers(problems, 0.5, seed=1)
+    bare = [m for m, p in zip(mixed, problems, strict=True) if m.solution != p.solution]
+    assert 160 <= len(bare) <= 240
+    assert all(m.solution == f"<think></think><answer>{m.answer}</answer>" for m in bare)
+    assert [(m.prompt, m.answer) for m in mixed] == [(p.prompt, p.answer) for p in problems]
+    meta = [{"answer": str(m.answer)} for m in bare]  # still the format both rewards accept, with the right answer
+    assert ExactMatchReward(extract=("answer",))([m.solution for m in bare], None, meta)[0].min() == 1.0
+    assert ThinkAnswerFormatReward()([m.solution for m in bare], None, meta)[0].min() == 1.0
+
+
 def test_pretrain_script_runs_and_writes_a_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -257,6 +288,18 @@ def test_pretrain_script_runs_and_writes_a_loadable_model(tmp_path):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name  # same seed, same budget: the same weights
     assert tokenizer.decode(tokenizer("<think>1+2=3</think>").input_ids) == "<think>1+2=3</think>"
+    # continued training of a saved model on a corpus with bare answers (how builtin:tiny-arith-lm-mixed is made)
+    proc = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / "c"),
+                           "--init", str(tmp_path / "a"), "--bare-share", "0.5", *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert c.config.hidden_size == 32 and any(not torch.equal(pa, pc) for pa, pc in
+                                              zip(a.state_dict().values(), c.state_dict().values(), strict=True))
+    bad = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / "d"),
+                          "--bare-share", "1.5", *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "--bare-share must be a share in [0, 1], got 1.5" in bad.stderr
+    assert not (tmp_path / "d").exists()  # rejected before anything is written
 
 
 def test_reason_default_config_holds_out_the_pretraining_eval_set_and_trains(tmp_path):
@@ -265,7 +308,7 @@ def test_reason_default_config_holds_out_the_pretraining_eval_set_and_trains(tmp
 
     path = REPO / "configs" / "reason_default.yaml"
     cfg = load_config(path)
-    assert cfg.model.pretrained == "builtin:tiny-arith-lm" and cfg.prompts.source == "world"
+    assert cfg.model.pretrained == "builtin:tiny-arith-lm-mixed" and cfg.prompts.source == "world"
     expected = eval_problems(50, seed=0)
     assert [(r["prompt"], r["answer"]) for r in cfg.eval.problems] == [(p.prompt, str(p.answer)) for p in expected]
     train_prompts = set(load_problems(cfg.prompts).prompts)

@@ -9,6 +9,8 @@
 * ``reasoning_rl.world.pretrain``   - the from-scratch training script of the shipped tiny LM
 * ``reasoning_rl.world.pretrain_vlm`` - the training script of the shipped tiny vision-language model
 * ``TINY_ARITH_LM``                 - the shipped model directory (``model.pretrained: builtin:tiny-arith-lm``)
+* ``TINY_ARITH_LM_MIXED``           - the same model further trained on a corpus where half of the solutions are bare
+  answers (``model.pretrained: builtin:tiny-arith-lm-mixed``, the policy of ``configs/reason_default.yaml``)
 * ``TINY_SHAPES_VLM``               - the shipped Qwen2-VL directory (``model.pretrained: builtin:tiny-shapes-vlm``)
 
 In a config: ``prompts: {source: world, world: arithmetic, problem_column: prompt, solution_column: solution}``
@@ -22,6 +24,7 @@ Importing this package registers the ``reasoning_gym`` and ``arithmetic_steps`` 
 from pathlib import Path
 
 TINY_ARITH_LM = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm"
+TINY_ARITH_LM_MIXED = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm_mixed"
 TINY_SHAPES_VLM = Path(__file__).resolve().parent.parent / "assets" / "tiny_vlm"
 
 
@@ -44,4 +47,4 @@ def _register_rewards() -> None:
 
 _register_rewards()
 
-__all__ = ["TINY_ARITH_LM", "TINY_SHAPES_VLM"]
+__all__ = ["TINY_ARITH_LM", "TINY_ARITH_LM_MIXED", "TINY_SHAPES_VLM"]

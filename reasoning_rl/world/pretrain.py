@@ -22,9 +22,11 @@ Greedy accuracy per step count on held-out eval problems (exact match of the `<a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +70,17 @@ def build_model(tokenizer, hidden: int, layers: int, heads: int, kv_heads: int, 
     return _seeded_init(LlamaForCausalLM, config, seed, tokenizer)
 
 
+def load_initial(model_dir: Path, tokenizer):
+    """A model this script saved, to continue training (its tokenizer must be the world tokenizer)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    saved = AutoTokenizer.from_pretrained(model_dir)
+    if saved.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--init {model_dir}: its tokenizer is not the world tokenizer this script trains with; "
+                         "pass a directory saved by `python -m reasoning_rl.world.pretrain`")
+    return LlamaForCausalLM.from_pretrained(model_dir)
+
+
 def prompt_text(tokenizer, problem: str) -> str:
     """The prompt the policy continues: the chat template with the generation prompt (as the trainer formats it)."""
     from reasoning_rl.data import format_prompt
@@ -102,7 +115,7 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[text.ArithProblem], bat
                     max_new_tokens: int = 64) -> dict[str, float]:
     """Greedy exact-match accuracy (the `exact_match` reward on the `<answer>` tag), overall and per step count:
     {"accuracy": ..., "accuracy_steps_1": ..., ..., "format": share of completions the think/answer format reward
-    accepts}."""
+    accepts, "worked": share that write at least one equation before `</think>` (not a bare answer)}."""
     from rewards.text import ExactMatchReward, ThinkAnswerFormatReward
 
     was_training = model.training
@@ -120,7 +133,8 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[text.ArithProblem], bat
     meta = [{"answer": str(p.answer)} for p in problems]
     correct, _ = ExactMatchReward(extract=("answer",))(completions, None, meta)
     formatted, _ = ThinkAnswerFormatReward()(completions, None, meta)
-    result = {"accuracy": float(correct.mean()), "format": float(formatted.mean())}
+    result = {"accuracy": float(correct.mean()), "format": float(formatted.mean()),
+              "worked": sum("=" in c.split("</think>")[0] for c in completions) / max(len(completions), 1)}
     for s in sorted({p.steps for p in problems}):
         idx = [i for i, p in enumerate(problems) if p.steps == s]
         result[f"accuracy_steps_{s}"] = float(correct[idx].mean())
@@ -132,6 +146,16 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[text.ArithProblem], bat
 def eval_problems(per_step: int, seed: int = 0, steps: Sequence[int] = text.STEPS) -> list[text.ArithProblem]:
     """`per_step` eval-split problems for each step count (a fixed, seeded set)."""
     return [p for s in steps for p in text.generate_problems(per_step, "eval", steps=(s,), seed=seed)]
+
+
+def with_bare_answers(problems: Sequence[text.ArithProblem], share: float, seed: int) -> list[text.ArithProblem]:
+    """`problems` with the worked steps dropped from a seeded `share` of the solutions (`<think></think>` kept, so
+    the format stays valid): a corpus that mixes worked solutions with bare answers, as real text does. A model
+    trained on it answers some problems without working them out; that choice recurs in every sample, which is
+    what GRPO can learn from (docs/reasoning_worlds.md)."""
+    rng = random.Random(f"bare-answers-{seed}")
+    return [dataclasses.replace(p, solution=text.bare_solution(p.answer)) if rng.random() < share else p
+            for p in problems]
 
 
 def save(model, tokenizer, out: Path) -> None:
@@ -151,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue training this model directory (one this script saved) instead of a fresh "
+                         "initialisation; the size arguments are then ignored")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -158,24 +185,35 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--intermediate", type=int, default=384)
     ap.add_argument("--train-steps", type=int, nargs="+", default=list(text.STEPS),
                     help="step counts of the training problems (drawn uniformly)")
+    ap.add_argument("--bare-share", type=float, default=0.0,
+                    help="share of the training problems whose solution is the bare answer, without the worked "
+                         "steps (`<think></think><answer>N</answer>`), drawn per problem from the seed")
     ap.add_argument("--eval-per-step", type=int, default=50, help="held-out problems per step count")
     ap.add_argument("--eval-every", type=int, default=250, help="evaluate (and save) every N steps; 0 = at the end")
     ap.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap of the training loop")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--log-every", type=int, default=50)
     args = ap.parse_args(argv)
+    if not 0.0 <= args.bare_share <= 1.0:
+        ap.error(f"--bare-share must be a share in [0, 1], got {args.bare_share}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.time()
     tokenizer = world_tokenizer()
-    model = build_model(tokenizer, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.seed)
+    if args.init is None:
+        model = build_model(tokenizer, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
+                            args.seed)
+    else:
+        model = load_initial(args.init, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     problems = text.generate_problems(args.steps * args.batch_size, "train", steps=args.train_steps,
                                       seed=args.seed, unique=False)
+    problems = with_bare_answers(problems, args.bare_share, args.seed)
     data = encode(tokenizer, problems)
     held_out = eval_problems(args.eval_per_step, seed=0)
-    print(f"[pretrain] {n_params:,} parameters | {len(data):,} training problems (steps {args.train_steps}) | "
+    print(f"[pretrain] {n_params:,} parameters | {len(data):,} training problems (steps {args.train_steps}, "
+          f"{args.bare_share:.0%} with bare answers) | "
           f"{len(held_out)} eval problems | data ready in {time.time() - t_start:.1f} s", flush=True)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]

@@ -92,6 +92,11 @@ def solution_trace(start: int, ops: Sequence[tuple[str, int]]) -> tuple[str, int
     return f"<think>{'; '.join(lines)}</think><answer>{value}</answer>", value
 
 
+def bare_solution(answer: int) -> str:
+    """The answer without the worked steps: ``<think></think><answer>9</answer>`` (still the think/answer format)."""
+    return f"<think></think><answer>{answer}</answer>"
+
+
 def _random_ops(rng: random.Random, start: int, steps: int) -> tuple[tuple[str, int], ...]:
     value, ops = start, []
     for _ in range(steps):
