@@ -14,6 +14,10 @@ to 10 %, gradient clipping, a fixed data order and seeded initialisation: with a
 `--max-minutes` (and the same thread count) a run is exactly reproducible. When the clock runs out first the
 schedule follows the clock instead (it still completes) and the run is no longer bit-reproducible.
 
+`--init DIR --bare-share F` continues a saved model on a corpus where a seeded share F of the solutions are bare
+answers (`<think></think><answer>N</answer>`): how the shipped `builtin:tiny-arith-lm-mixed` is made from
+`builtin:tiny-arith-lm` (docs/reasoning_worlds.md has the command).
+
 Greedy accuracy per step count on held-out eval problems (exact match of the `<answer>` tag) is measured every
 `--eval-every` steps and at the end; the model is saved at each evaluation, and `training_report.json`
 (arguments, curve, timings, final accuracies) is written next to the weights.
