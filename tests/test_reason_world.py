@@ -300,6 +300,11 @@ def test_pretrain_script_runs_and_writes_a_loadable_model(tmp_path):
                           "--bare-share", "1.5", *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert bad.returncode == 2 and "--bare-share must be a share in [0, 1], got 1.5" in bad.stderr
     assert not (tmp_path / "d").exists()  # rejected before anything is written
+    missing = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / "e"),
+                              "--init", str(tmp_path / "nope"), *args], capture_output=True, text=True, timeout=300,
+                             env=env, cwd=REPO)
+    assert missing.returncode == 2 and "not a model directory (no config.json)" in missing.stderr
+    assert not (tmp_path / "e").exists()
 
 
 def test_reason_default_config_holds_out_the_pretraining_eval_set_and_trains(tmp_path):

@@ -200,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not 0.0 <= args.bare_share <= 1.0:
         ap.error(f"--bare-share must be a share in [0, 1], got {args.bare_share}")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        ap.error(f"--init {args.init}: not a model directory (no config.json); pass one this script saved")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -209,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model = build_model(tokenizer, args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
                             args.seed)
     else:
-        model = load_initial(args.init, tokenizer)
+        try:
+            model = load_initial(args.init, tokenizer)
+        except ValueError as err:
+            ap.error(str(err))
     n_params = sum(p.numel() for p in model.parameters())
     problems = text.generate_problems(args.steps * args.batch_size, "train", steps=args.train_steps,
                                       seed=args.seed, unique=False)
