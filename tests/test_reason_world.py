@@ -275,9 +275,13 @@ def test_pretrain_script_runs_and_writes_a_loadable_model(tmp_path):
             "1", "--intermediate", "64", "--eval-per-step", "2", "--eval-every", "0", "--warmup", "1",
             "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def pretrain(out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / out),
+                               *extra, *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+
     for run in ("a", "b"):
-        proc = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / run), *args],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        proc = pretrain(run)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "greedy accuracy" in proc.stdout
     report = json.loads((tmp_path / "a" / "training_report.json").read_text())
@@ -289,20 +293,15 @@ def test_pretrain_script_runs_and_writes_a_loadable_model(tmp_path):
         assert torch.equal(pa, pb), name  # same seed, same budget: the same weights
     assert tokenizer.decode(tokenizer("<think>1+2=3</think>").input_ids) == "<think>1+2=3</think>"
     # continued training of a saved model on a corpus with bare answers (how builtin:tiny-arith-lm-mixed is made)
-    proc = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / "c"),
-                           "--init", str(tmp_path / "a"), "--bare-share", "0.5", *args],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    proc = pretrain("c", "--init", str(tmp_path / "a"), "--bare-share", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     assert c.config.hidden_size == 32 and any(not torch.equal(pa, pc) for pa, pc in
                                               zip(a.state_dict().values(), c.state_dict().values(), strict=True))
-    bad = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / "d"),
-                          "--bare-share", "1.5", *args], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    bad = pretrain("d", "--bare-share", "1.5")
     assert bad.returncode == 2 and "--bare-share must be a share in [0, 1], got 1.5" in bad.stderr
     assert not (tmp_path / "d").exists()  # rejected before anything is written
-    missing = subprocess.run([sys.executable, "-m", "reasoning_rl.world.pretrain", "--out", str(tmp_path / "e"),
-                              "--init", str(tmp_path / "nope"), *args], capture_output=True, text=True, timeout=300,
-                             env=env, cwd=REPO)
+    missing = pretrain("e", "--init", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "not a model directory (no config.json)" in missing.stderr
     assert not (tmp_path / "e").exists()
 
