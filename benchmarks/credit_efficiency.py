@@ -122,6 +122,9 @@ def run_config(
         f"eval.every={eval_every}",
         "checkpoint.every=0",  # only the final checkpoint: no I/O inside the timed epochs
         "logging.image_every=0",
+        # no best-of-run selection: the curve is of the weights each epoch ends with, and its last point is the
+        # last epoch's weights, not the validation's pick among earlier ones
+        "validation.prompts=[]",
     ]
     cfg = load_config(config, [*sets, *shared, *method_overrides(method, select_fraction)])
     if not cfg.eval.prompts:

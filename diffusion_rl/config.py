@@ -204,6 +204,25 @@ class EvalConfig(_Section):
     """Samples per evaluation prompt."""
 
 
+class ValidationConfig(_Section):
+    """Best-of-run model selection. The model is scored on validation prompts every `every` epochs and after the
+    last one; with keep_best, the weights that scored highest become the run's result (the after-training eval and
+    the saved weights). The validation prompts must not include eval.prompts: the held-out eval stays unbiased."""
+
+    prompts: list[str] | str = []
+    """Validation prompts: a list, a .txt/.jsonl file, or `world:train`; empty = no validation."""
+    num_prompts: int = Field(0, ge=0)
+    """Score a fixed subset of this many prompts, drawn once with `seed` (0 = all of them)."""
+    every: int = Field(3, ge=1)
+    """Validate every N epochs, and always after the last epoch."""
+    images_per_prompt: int = Field(2, ge=1)
+    """Samples per validation prompt."""
+    seed: int = 4321
+    """Validation noise seed (and the subset's), independent of the training sampler and of eval.seed."""
+    keep_best: bool = True
+    """End the run with the best-scoring weights instead of the last ones (false: only log the validation score)."""
+
+
 class RunConfig(_Section):
     """A full `drl train` run. Defaults are the embedded CPU default (tiny model, runs in seconds)."""
 
@@ -223,6 +242,7 @@ class RunConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     def num_train_timesteps(self) -> int:
         trainable = self.sample.sde_window_size or (self.sample.num_steps - self.train.skip_final_steps)

@@ -17,8 +17,11 @@
                           the stored transitions, clipped surrogate (+ KL), accumulate over steps and
                           micro-batches, then one guarded optimizer step (non-finite steps skipped on all ranks)
       log_epoch           the epoch's record: TensorBoard, metrics.jsonl, credit profile, console
-      evaluate / save_checkpoint
-    finish            final evaluation (EMA weights when kept), before/after figure, trained weights saved
+      evaluate / validate / save_checkpoint
+                          held-out eval; the validation score on other prompts (also after the last epoch) that
+                          picks the best-of-run weights
+    finish            the best-of-run (or EMA) weights put in place, final evaluation, before/after figure,
+                          trained weights saved
 
 Launch with `drl train` (one process) or `accelerate launch -m diffusion_rl.cli train ...`.
 """
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
@@ -47,6 +50,7 @@ from diffusion_rl.core import checkpoint, grpo
 from diffusion_rl.core import run as run_helpers
 from diffusion_rl.core.run import (  # noqa: F401  (NonFiniteTrainingError, ResumeError: importable from here)
     EMA,
+    BestWeights,
     MetricAccumulator,
     NonFiniteTrainingError,
     OptimizerStepGuard,
@@ -89,6 +93,7 @@ class TrainResult:
     weights_dir: Path | None = None
     eval_before: dict | None = None
     eval_after: dict | None = None
+    best_epoch: int | None = None  # validation.keep_best: the epochs done when the weights that end the run were kept
     pipeline: object | None = None  # the diffusers pipeline with the trained denoiser, ready to sample
     process_index: int = 0
 
@@ -109,6 +114,8 @@ class Run(ProcessInfo):
     lr_scheduler: object
     guard: OptimizerStepGuard
     ema: EMA | None
+    best: BestWeights | None  # validation.keep_best: the best-scoring weights so far
+    validation_prompts: list[str]  # empty = no validation
     reward_fn: rewards.RewardFn
     eval_reward: rewards.RewardFn
     assigner: credit.CreditAssigner
@@ -129,6 +136,7 @@ class Run(ProcessInfo):
             "credit": self.assigner if hasattr(self.assigner, "state_dict") else None,
             "prompt_sampler": self.sampler,
             "ema": self.ema,
+            "best": self.best,
         }
 
 
@@ -180,6 +188,8 @@ def train(
             record = epoch_record(run, epoch, samples, credit_result, losses, timings)
             if _eval_due(cfg, epoch):
                 record.update({f"eval/{k}": v for k, v in evaluate_model(run).items()})
+            if run.validation_prompts and ((epoch + 1) % cfg.validation.every == 0 or epoch + 1 == cfg.num_epochs):
+                record.update(validate(run, epoch + 1))  # before the checkpoint, which keeps the best weights
             log_epoch(run, epoch, record, samples, credit_result, similarities)
             result.history.append(record)
             for cb in run.callbacks:
@@ -198,6 +208,7 @@ def train(
 def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None,
           callbacks: Sequence[TrainerCallback] = ()) -> Run:
     k_train = cfg.num_train_timesteps()
+    validation_prompts = _validation_prompts(cfg)  # before anything loads: a bad choice fails at once
     # accelerate keeps one process-wide state; each train() call configures it afresh (sweeps in one
     # process may change mixed precision), keeping the distributed process group (PartialState).
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -230,6 +241,8 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
         cfg=cfg, out=out, accelerator=accelerator, pipe=pipe, family=family, rule=rule, denoiser=denoiser,
         params=params, optimizer=optimizer,
         lr_scheduler=lr_scheduler, guard=guard, ema=EMA(params, cfg.train.ema_decay) if cfg.train.ema else None,
+        best=BestWeights(params) if validation_prompts and cfg.validation.keep_best else None,
+        validation_prompts=validation_prompts,
         reward_fn=reward_fn, eval_reward=_load_eval_reward(cfg, reward_fn), assigner=assigner,
         prompt_set=prompt_set,
         sampler=PromptSampler(prompt_set, cfg.seed, accelerator.num_processes, accelerator.process_index),
@@ -324,6 +337,10 @@ def print_startup(run: Run) -> None:
         f"{run.reward_fn.name} | credit {getattr(run.assigner, 'name', 'custom')}"
         + (f" | EMA decay {cfg.train.ema_decay}" if run.ema else "")
     )
+    if run.validation_prompts:
+        v = cfg.validation
+        print(f"[drl] validation: {len(run.validation_prompts)} prompts x {v.images_per_prompt} every {v.every} epochs "
+              f"and after the last | " + ("the best-scoring weights end the run" if run.best else "logged only"))
 
 
 def evaluate_before(run: Run, known: dict | None) -> dict | None:
@@ -606,6 +623,7 @@ def log_epoch(run: Run, epoch: int, record: dict, samples: EpochSamples, credit_
         f"clipfrac {record.get('loss/clipfrac', 0):.3f} | approx_kl {record.get('loss/approx_kl', 0):.2e} | "
         f"{record['perf/epoch_s']:.1f} s"
         + (f" | eval {record['eval/mean']:.4f}" if "eval/mean" in record else "")
+        + (f" | validation {record['validation/mean']:.4f}" if "validation/mean" in record else "")
     )
 
 
@@ -621,15 +639,37 @@ def evaluate_model(run: Run, tag: str | None = None) -> dict:
     cfg = run.cfg
     prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
     with run.ema.applied() if run.ema else contextlib.nullcontext():
-        results, images, expanded = evaluate(
-            run.pipe, run.denoiser, prompts, [run.eval_reward], cfg.eval.seed, cfg.eval.images_per_prompt,
-            cfg.sample.num_steps, cfg.sample.guidance_scale, cfg.sample.eta, max(cfg.sample.batch_size, 16),
-            cfg.sample.negative_prompt, family=run.family, rule=run.rule,
-        )
+        results, images = _score_fixed_seed(run, prompts, cfg.eval.seed, cfg.eval.images_per_prompt)
     if tag is not None and run.main:
         (run.out / "images").mkdir(parents=True, exist_ok=True)
         image_grid(images[:EVAL_GRID_IMAGES], nrow=EVAL_GRID_COLUMNS).save(run.out / "images" / f"eval_{tag}.png")
-    return results[run.eval_reward.name]
+    return results
+
+
+def validate(run: Run, epochs_done: int) -> dict[str, float]:
+    """Fixed-seed score on the validation prompts (the weights evaluate_model would score); with keep_best, the
+    weights are kept when they beat the best so far. Returns the record's validation/ entries."""
+    v = run.cfg.validation
+    with run.ema.applied() if run.ema else contextlib.nullcontext():
+        score = _score_fixed_seed(run, run.validation_prompts, v.seed, v.images_per_prompt)[0]["mean"]
+        if run.world > 1:  # every rank scored the same images; the main process's score decides for all of them
+            score = broadcast_object_list([score], from_process=0)[0]
+        if run.best:
+            run.best.offer(score, epochs_done)
+    record = {"validation/mean": score}
+    if run.best and run.best.weights:  # none yet while every score was NaN (unscorable)
+        record |= {"validation/best": run.best.score, "validation/best_epoch": float(run.best.epoch)}
+    return record
+
+
+def _score_fixed_seed(run: Run, prompts: list[str], seed: int, images_per_prompt: int) -> tuple[dict, torch.Tensor]:
+    """(the eval reward's {"mean", "std", "n", ...}, images [N, 3, H, W]) of fixed-seed samples of `prompts`."""
+    s = run.cfg.sample
+    results, images, _ = evaluate(
+        run.pipe, run.denoiser, prompts, [run.eval_reward], seed, images_per_prompt, s.num_steps, s.guidance_scale,
+        s.eta, max(s.batch_size, 16), s.negative_prompt, family=run.family, rule=run.rule,
+    )
+    return results[run.eval_reward.name], images
 
 
 def save_checkpoint(run: Run, epochs_done: int) -> None:
@@ -644,6 +684,15 @@ def finish(run: Run, result: TrainResult) -> None:
     cfg = run.cfg
     if run.ema:
         run.ema.copy_to_params()
+    if run.best and run.best.weights:
+        run.best.copy_to_params()  # the validated weights (EMA ones when kept), which may be the last
+        result.best_epoch = run.best.epoch
+        if run.main:
+            print(f"[drl] best-of-run: the weights after epoch {run.best.epoch} (validation "
+                  f"{run.best.score:.4f}) end the run")
+    elif run.best and run.main:
+        print("[drl] warning: no validation score was finite (the reward could not score the validation images); "
+              "the last weights end the run")
     if cfg.eval.prompts:
         result.eval_after = evaluate_model(run, "after")
         run.writer.scalars("eval", result.eval_after, cfg.num_epochs)
@@ -680,6 +729,30 @@ class _Trackers:
     def load_state_dict(self, state: dict) -> None:
         for name, tracker in self.trackers.items():
             tracker.load_state_dict(state[name])
+
+
+def _validation_prompts(cfg: RunConfig) -> list[str]:
+    """validation.prompts, or a fixed subset of `num_prompts` of them drawn with validation.seed; refused when they
+    share a prompt with the held-out eval (selection on eval prompts would bias the reported eval)."""
+    v = cfg.validation
+    if not v.prompts:
+        return []
+    prompts = list(v.prompts) if isinstance(v.prompts, list) else eval_prompts_from(v.prompts)
+    if v.num_prompts and v.num_prompts < len(prompts):
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(v.seed))
+        prompts = [prompts[i] for i in sorted(order[: v.num_prompts].tolist())]
+    if cfg.eval.prompts:
+        held_out = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
+        shared = sorted(set(prompts) & set(held_out))
+        if shared:
+            from diffusion_rl.config import ConfigError
+
+            raise ConfigError([
+                f"validation.prompts ({v.prompts!r}) share {len(shared)} prompt(s) with eval.prompts, e.g. "
+                f"{shared[0]!r}: choosing weights on them biases the reported eval; validate on other prompts, "
+                "e.g. validation.prompts=world:train"
+            ])
+    return prompts
 
 
 def _load_eval_reward(cfg: RunConfig, train_reward: rewards.RewardFn) -> rewards.RewardFn:

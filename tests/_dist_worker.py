@@ -33,5 +33,6 @@ result = train(cfg, reward_fn=recording_reward)
 state = trainable_state_dict(family_of(result.pipeline).denoiser(result.pipeline), use_lora=True)
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
 (out / f"rank_{result.process_index}.json").write_text(
-    json.dumps({"params_sha256": digest, "lora_abs_sum": float(sum(v.abs().sum() for v in state.values())), **seen})
+    json.dumps({"params_sha256": digest, "lora_abs_sum": float(sum(v.abs().sum() for v in state.values())),
+                "best_epoch": result.best_epoch, **seen})
 )

@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState
 
 import diffusion_rl.core
 from diffusion_rl.core.run import (
+    BestWeights,
     EMA,
     MetricAccumulator,
     NonFiniteTrainingError,
@@ -162,6 +163,41 @@ def test_ema_update_apply_and_state_round_trip():
     assert other.decay == 0.5 and other.num_updates == 1 and torch.equal(other.shadow[0], ema.shadow[0])
     with pytest.raises(ValueError, match="decay"):
         EMA([p], decay=1.0)
+
+
+def test_best_weights_keep_the_highest_scoring_copy_and_round_trip():
+    p = torch.nn.Parameter(torch.zeros(2))
+    best = BestWeights([p])
+    assert best.state_dict()["score"] is None  # JSON-safe before any score
+    assert not best.offer(float("nan"), 1)  # an unscorable validation never wins
+    with torch.no_grad():
+        p.fill_(1.0)
+    assert best.offer(0.5, 1)
+    with torch.no_grad():
+        p.fill_(2.0)
+    assert not best.offer(0.5, 2)  # a tie keeps the earlier weights
+    with torch.no_grad():
+        p.fill_(3.0)
+    assert best.offer(0.7, 3) and (best.score, best.epoch) == (0.7, 3)
+    with torch.no_grad():
+        p.fill_(4.0)
+    assert not best.offer(0.6, 4)
+    state, tensors = TrainerState().to_dict({"best": best})
+    json.dumps(state)
+    assert list(tensors) == ["best.weights.0"]
+    best.copy_to_params()
+    assert torch.equal(p.detach(), torch.full((2,), 3.0))
+    other = BestWeights([torch.nn.Parameter(torch.zeros(2))])
+    TrainerState.restore(state, tensors, {"best": other}, world_size=1, where="test")
+    assert (other.score, other.epoch) == (0.7, 3) and torch.equal(other.weights[0], torch.full((2,), 3.0))
+    empty, empty_tensors = TrainerState().to_dict({"best": BestWeights([p])})
+    fresh = BestWeights([p])
+    TrainerState.restore(empty, empty_tensors, {"best": fresh}, world_size=1, where="test")
+    assert fresh.score == float("-inf") and fresh.weights == []
+    with pytest.raises(RuntimeError, match="before any finite score"):
+        fresh.copy_to_params()
+    with pytest.raises(ResumeError, match="1 tensors, the model has 2"):
+        BestWeights([p, torch.nn.Parameter(torch.zeros(1))]).load_state_dict(best.state_dict())
 
 
 def test_trainer_state_restore_checks_processes_and_missing_components():

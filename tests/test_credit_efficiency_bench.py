@@ -113,6 +113,8 @@ def test_every_method_resolves_to_a_valid_config_that_differs_only_in_its_overri
     assert steps == {"sparse": 9, "sparse_random": 3, "uniform": 9, "coca": 9, "coca_select": 3}
     assert cfgs["sparse_random"].train.timestep_selection == "random"
     assert cfgs["coca_select"].train.timestep_selection == "credit"
+    # the default's best-of-run selection is off: a learning curve ends with the last epoch's weights
+    assert all(c.validation.prompts == [] for c in cfgs.values())
 
     def rest(c):
         d = c.model_dump(mode="json")

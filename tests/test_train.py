@@ -389,6 +389,40 @@ def test_ema_weights_are_evaluated_saved_and_resume_exact(tmp_path):
     assert any(not torch.equal(a[k], plain[k]) for k in a)
 
 
+VALIDATION = ['validation.prompts=["a red circle", "a yellow square"]', "validation.every=1"]
+
+
+def test_best_of_run_weights_end_the_run_and_resume_exact(tmp_path):
+    """validation.keep_best: the run ends with the weights of its best validation score, which are exactly the
+    weights a run stopped at that epoch ends with; a resumed run selects the same ones."""
+    sets = ["num_epochs=2", "checkpoint.every=1", *VALIDATION]
+    best = train(_tiny(tmp_path / "best", *sets))
+    scores = [r["validation/mean"] for r in best.history]  # after epochs 1 and 2
+    assert len(scores) == 2 and all(math.isfinite(x) for x in scores)
+    assert best.best_epoch == 1 + int(scores[1] > scores[0]) == best.history[1]["validation/best_epoch"]
+    assert best.history[0]["validation/best"] == scores[0] and best.history[1]["validation/best"] == max(scores)
+    stopped = train(_tiny(tmp_path / "stopped", f"num_epochs={best.best_epoch}"))  # no validation, same training
+    last = train(_tiny(tmp_path / "last", *sets, "validation.keep_best=false"))
+    assert last.best_epoch is None and [r["validation/mean"] for r in last.history] == scores  # logged, not applied
+    a, b, c = lora(tmp_path / "best"), lora(tmp_path / "stopped"), lora(tmp_path / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert best.best_epoch == 2 or any(not torch.equal(a[k], c[k]) for k in a)  # epoch 1 kept: not the last weights
+    train(_tiny(tmp_path / "resumed", *sets[1:], "num_epochs=1"))
+    resumed = train(_tiny(tmp_path / "resumed", *sets), resume="auto")
+    assert resumed.best_epoch == best.best_epoch
+    r = lora(tmp_path / "resumed")
+    for k in a:
+        torch.testing.assert_close(r[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_validation_on_the_eval_prompts_is_refused_before_anything_is_written(tmp_path):
+    from diffusion_rl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="share 1 prompt.*a red circle.*validation.prompts=world:train"):
+        train(_tiny(tmp_path / "run", *VALIDATION, 'eval.prompts=["a red circle", "two blue squares"]'))
+    assert not (tmp_path / "run").exists()
+
+
 def test_drl_eval_uses_the_runs_negative_prompt(tmp_path):
     """`drl eval RUN` reports what the trainer's evaluation reports: same prompts, seeds and negative prompt."""
     from diffusion_rl.config import dump_config

@@ -374,3 +374,50 @@ class EMA:
         self.num_updates = int(state["num_updates"])
         self.shadow = [v.to(device=s.device, dtype=torch.float32).clone()
                        for v, s in zip(state["shadow"], self.shadow, strict=True)]
+
+
+class BestWeights:
+    """Best-of-run model selection: a copy of the trainable weights that scored highest on a validation score.
+
+    `offer(score, epoch)` after each validation keeps a copy of the current weights when the score beats the best
+    so far (ties keep the earlier weights); `copy_to_params()` puts the kept weights back at the end of the run.
+    The score must come from prompts the reported evaluation does not use, or the reported number is biased
+    upwards by the selection."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = list(params)
+        self.weights: list[torch.Tensor] = []  # empty until the first finite score
+        self.score = -math.inf
+        self.epoch = -1  # epochs done when the kept weights were scored
+
+    @torch.no_grad()
+    def offer(self, score: float, epoch: int) -> bool:
+        """Keep the current weights if `score` beats the best so far; True when kept. A NaN score never wins."""
+        if not math.isfinite(score) or score <= self.score:
+            return False
+        self.score, self.epoch = float(score), int(epoch)
+        self.weights = [p.detach().clone() for p in self.params]
+        return True
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        if not self.weights:
+            raise RuntimeError("BestWeights.copy_to_params before any finite score was offered")
+        for w, p in zip(self.weights, self.params, strict=True):
+            p.copy_(w)
+
+    def state_dict(self) -> dict[str, Any]:
+        # no score yet is None: JSON has no -inf
+        return {"score": self.score if self.weights else None, "epoch": self.epoch, "weights": list(self.weights)}
+
+    def load_state_dict(self, state: dict) -> None:
+        weights = state["weights"]
+        if weights and len(weights) != len(self.params):
+            raise ResumeError(
+                f"best-of-run state holds {len(weights)} tensors, the model has {len(self.params)} trainable ones; "
+                "resume with the checkpoint's model settings"
+            )
+        self.score = -math.inf if state["score"] is None else float(state["score"])
+        self.epoch = int(state["epoch"])
+        self.weights = [w.to(device=p.device, dtype=p.dtype).clone()
+                        for w, p in zip(weights, self.params if weights else [], strict=True)]
