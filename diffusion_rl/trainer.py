@@ -637,7 +637,7 @@ def evaluate_model(run: Run, tag: str | None = None) -> dict:
     """Fixed-seed sampling on the held-out prompts (diffusion_rl.evaluation), with the EMA weights when kept;
     with a `tag`, the grid is saved as images/eval_<tag>.png (and the prompts beside it)."""
     cfg = run.cfg
-    prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
+    prompts = _prompt_list(cfg.eval.prompts)
     with run.ema.applied() if run.ema else contextlib.nullcontext():
         results, images = _score_fixed_seed(run, prompts, cfg.eval.seed, cfg.eval.images_per_prompt)
     if tag is not None and run.main:
@@ -731,18 +731,23 @@ class _Trackers:
             tracker.load_state_dict(state[name])
 
 
+def _prompt_list(spec: list[str] | str) -> list[str]:
+    """An eval / validation prompts field: the list itself, or the prompts of a file or of `world:<split>`."""
+    return list(spec) if isinstance(spec, list) else eval_prompts_from(spec)
+
+
 def _validation_prompts(cfg: RunConfig) -> list[str]:
     """validation.prompts, or a fixed subset of `num_prompts` of them drawn with validation.seed; refused when they
     share a prompt with the held-out eval (selection on eval prompts would bias the reported eval)."""
     v = cfg.validation
     if not v.prompts:
         return []
-    prompts = list(v.prompts) if isinstance(v.prompts, list) else eval_prompts_from(v.prompts)
+    prompts = _prompt_list(v.prompts)
     if v.num_prompts and v.num_prompts < len(prompts):
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(v.seed))
         prompts = [prompts[i] for i in sorted(order[: v.num_prompts].tolist())]
     if cfg.eval.prompts:
-        held_out = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
+        held_out = _prompt_list(cfg.eval.prompts)
         shared = sorted(set(prompts) & set(held_out))
         if shared:
             from diffusion_rl.config import ConfigError
@@ -775,7 +780,7 @@ def _before_after_figure(run: Run, before: dict, after: dict) -> None:
     """images/eval_before_after.png: the two eval grids (same prompts, same seeds) side by side, every image
     labelled with its prompt, the scores on top. Read back from the saved grids, so a resumed run draws it too."""
     cfg, images_dir = run.cfg, run.out / "images"
-    prompts = cfg.eval.prompts if isinstance(cfg.eval.prompts, list) else eval_prompts_from(cfg.eval.prompts)
+    prompts = _prompt_list(cfg.eval.prompts)
     labels = [p for p in prompts for _ in range(cfg.eval.images_per_prompt)][:EVAL_GRID_IMAGES]
     panels = []
     for tag, ev in (("before", before), ("after", after)):
