@@ -147,10 +147,12 @@ def eval_(
         if not source:
             raise rewards.RewardError("no evaluation prompts: pass --prompts world:eval or a prompt file")
         prompt_list = source if isinstance(source, list) else eval_prompts_from(source)
-        names = reward or ([run_cfg.eval.reward or run_cfg.reward.name] if run_cfg is not None else [])
-        if not names or names == [None]:
+        if reward:
+            fns = [rewards.load(n) for n in reward]
+        elif run_cfg is not None:
+            fns = [(run_cfg.eval.reward or run_cfg.reward).build()]  # what the trainer's evaluation reports
+        else:
             raise rewards.RewardError("no reward to evaluate: pass --reward NAME (see `drl reward list`)")
-        fns = [rewards.load(n) for n in names]
         family = defaults["family"]
         results, images, _ = evaluate(
             pipe, family.denoiser(pipe), prompt_list, fns, seed, num, steps or defaults.get("num_steps", 20),

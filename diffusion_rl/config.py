@@ -196,8 +196,9 @@ class EvalConfig(_Section):
     """Evaluate every N epochs (0 = only before and after training; no evaluation at all while eval.prompts is empty)."""
     prompts: list[str] | str = []
     """Held-out prompts: a list, a .txt/.jsonl file, or `world:eval` (the shapes world's eval split); empty = no eval."""
-    reward: str | None = None
-    """Reward used for evaluation (defaults to the training reward)."""
+    reward: RewardConfig | None = None
+    """The reward the held-out images are scored with: a registered name, or {name, options} (the metric to
+    report when training on a shaped reward); null = the training reward."""
     seed: int = 1234
     """Evaluation noise seed, independent of the training sampler."""
     images_per_prompt: int = Field(1, ge=1)
@@ -343,6 +344,8 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
             "behaviour in that case) or none, or turn per-prompt tracking back on"
         )
     problems += core_config.reward_problems(cfg.reward) + core_config.advantage_problems(cfg.advantage)
+    if cfg.eval.reward is not None:
+        problems += [f"eval.{problem}" for problem in core_config.reward_problems(cfg.eval.reward)]
     p = cfg.prompts
     if p.source == "list" and not p.prompts:
         problems.append("prompts.prompts is empty; add prompts or use prompts.source=file/dataset")

@@ -761,9 +761,11 @@ def _validation_prompts(cfg: RunConfig) -> list[str]:
 
 
 def _load_eval_reward(cfg: RunConfig, train_reward: rewards.RewardFn) -> rewards.RewardFn:
-    if cfg.eval.reward and cfg.eval.reward != train_reward.name:
-        return rewards.load(cfg.eval.reward)
-    return train_reward
+    # the training reward object is reused when eval.reward names the same reward with the same options
+    # (a reward model is loaded once)
+    if cfg.eval.reward is None or cfg.eval.reward == cfg.reward:
+        return train_reward
+    return cfg.eval.reward.build()
 
 
 def _credit_options(cfg: RunConfig) -> dict:

@@ -7,6 +7,10 @@ shows what the prompt asks for:
     relation prompt  "a red circle left of a blue triangle"      -> colour1, shape1, colour2, shape2, relation
 
 ``partial`` is the mean attribute accuracy of a sample, ``strict`` is 1 when every attribute is right.
+``graded`` is ``partial`` with the relation attribute graded instead of right/wrong: sigmoid(margin /
+``relation_scale``), where the margin is how many pixels the relation holds (or fails) by, so that an image
+whose objects are nearly in place scores above one whose objects are far off (a denser training signal; report
+``partial``).
 As in GenEval's position task, objects beyond the two named ones are not penalised in relation prompts;
 the two named objects are the largest one of each named colour.
 A prompt the grammar does not cover is unscorable: its score is NaN, never 0.
@@ -56,6 +60,7 @@ _RELATION = r"((?:to the |on the )?left of|(?:to the |on the )?right of|above|be
 _COUNT_RE = re.compile(rf"^({'|'.join(_NUMBERS)}|[1-9]) {_COLOUR} {_SHAPE}$")
 _RELATION_RE = re.compile(rf"^(?:a|an|one) {_COLOUR} {_SHAPE} {_RELATION} (?:a|an|one) {_COLOUR} {_SHAPE}$")
 ATTRIBUTE_GROUPS = ("colour", "shape", "count", "relation")
+MODES = ("partial", "strict", "graded")
 
 
 @dataclass(frozen=True)
@@ -172,16 +177,22 @@ def detect(
     return out
 
 
-def relation_holds(a: Blob, b: Blob, relation: str) -> bool:
-    """Does ``a`` stand in ``relation`` to ``b``?"""
+def relation_margin(a: Blob, b: Blob, relation: str) -> float:
+    """By how many pixels (at 32x32) ``a`` stands in ``relation`` to ``b``: positive when it holds, negative when
+    it does not (how far the centres would have to move along the relation's axis to make it hold)."""
     (ax, ay), (bx, by) = a.centre, b.centre
     dx, dy = bx - ax, by - ay
     return {
-        "left of": dx > abs(dy),
-        "right of": -dx > abs(dy),
-        "above": dy > abs(dx),
-        "below": -dy > abs(dx),
+        "left of": dx - abs(dy),
+        "right of": -dx - abs(dy),
+        "above": dy - abs(dx),
+        "below": -dy - abs(dx),
     }[relation]
+
+
+def relation_holds(a: Blob, b: Blob, relation: str) -> bool:
+    """Does ``a`` stand in ``relation`` to ``b``?"""
+    return relation_margin(a, b, relation) > 0
 
 
 def check(query: Query, blobs: list[Blob]) -> dict[str, tuple[str, bool]]:
@@ -203,6 +214,16 @@ def check(query: Query, blobs: list[Blob]) -> dict[str, tuple[str, bool]]:
     }
 
 
+def graded_relation(query: Query, blobs: list[Blob], scale: float) -> float:
+    """The relation attribute of a relation prompt graded by its margin: sigmoid(margin / scale) when both named
+    objects are found (0.5 on the boundary, towards 1 the clearer the relation holds), 0 when either is missing."""
+    a = next((b for b in blobs if b.colour == query.colour1), None)
+    b = next((b for b in blobs if b.colour == query.colour2), None)
+    if a is None or b is None:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-relation_margin(a, b, query.relation) / scale))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the reward
 
@@ -219,11 +240,14 @@ class ShapesAlignmentReward:
     differentiable = False
 
     def __init__(
-        self, mode: str = "partial", min_area: int = 12, square_fill: float = 0.88, circle_fill: float = 0.64
+        self, mode: str = "partial", min_area: int = 12, square_fill: float = 0.88, circle_fill: float = 0.64,
+        relation_scale: float = 4.0,
     ) -> None:
-        if mode not in ("partial", "strict"):
-            raise ValueError(f"mode must be 'partial' or 'strict', got {mode!r}")
-        self.mode = mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        if not relation_scale > 0:
+            raise ValueError(f"relation_scale must be > 0 (pixels at 32x32), got {relation_scale!r}")
+        self.mode, self.relation_scale = mode, float(relation_scale)
         self.detect_options = {"min_area": min_area, "square_fill": square_fill, "circle_fill": circle_fill}
 
     @torch.no_grad()
@@ -233,33 +257,40 @@ class ShapesAlignmentReward:
         all_blobs = detect(images, **self.detect_options)
         if len(all_blobs) != len(prompts):
             raise ValueError(f"{len(all_blobs)} images but {len(prompts)} prompts")
-        partial, strict = [], []
+        partial, strict, graded = [], [], []
         hits: dict[str, list[float]] = {g: [] for g in ATTRIBUTE_GROUPS}
         for prompt, blobs in zip(prompts, all_blobs, strict=True):
             query = parse(prompt)
             if query is None:
                 partial.append(float("nan"))
                 strict.append(float("nan"))
+                graded.append(float("nan"))
                 continue
             result = check(query, blobs)
             correct = [ok for _, ok in result.values()]
             partial.append(sum(correct) / len(correct))
             strict.append(float(all(correct)))
+            if query.kind == "relation":  # the binary relation attribute swapped for its graded value
+                graded_sum = sum(correct) - correct[-1] + graded_relation(query, blobs, self.relation_scale)
+                graded.append(graded_sum / len(correct))
+            else:
+                graded.append(partial[-1])
             for group, ok in result.values():
                 hits[group].append(float(ok))
-        partial_t = torch.tensor(partial, dtype=torch.float32)
-        strict_t = torch.tensor(strict, dtype=torch.float32)
+        scores = {name: torch.tensor(values, dtype=torch.float32)
+                  for name, values in (("partial", partial), ("strict", strict), ("graded", graded))}
         info: dict[str, Any] = {
             "partial": _nanmean(partial),
             "strict": _nanmean(strict),
             **{f"{g}_acc": _nanmean(v) for g, v in hits.items()},
             "n_unscorable": sum(math.isnan(p) for p in partial),
-            "partial_scores": partial_t,
-            "strict_scores": strict_t,
+            "graded": _nanmean(graded),
+            **{f"{name}_scores": values for name, values in scores.items()},
         }
-        return (partial_t if self.mode == "partial" else strict_t), info
+        return scores[self.mode], info
 
 
 def make_shapes_alignment_reward(mode: str = "partial", **options: Any) -> ShapesAlignmentReward:
-    """Factory used by ``rewards.load("shapes_alignment")``; options: min_area, square_fill, circle_fill."""
+    """Factory used by ``rewards.load("shapes_alignment")``; options: min_area, square_fill, circle_fill,
+    relation_scale (mode graded)."""
     return ShapesAlignmentReward(mode=mode, **options)

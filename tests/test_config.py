@@ -135,6 +135,27 @@ def test_value_rules_that_used_to_raise_are_config_errors_with_exit_2(tmp_path):
         assert "problem(s)" in result.output and "Traceback" not in result.output
 
 
+def test_eval_reward_takes_a_name_or_name_and_options():
+    """A run trained on a shaped reward reports the plain metric: eval.reward with its own options."""
+    from diffusion_rl.trainer import _load_eval_reward
+
+    assert load_config(None, ["eval.reward=shapes_alignment"]).eval.reward.name == "shapes_alignment"
+    cfg = load_config(None, ["reward={name: shapes_alignment, options: {mode: graded}}",
+                             "eval.reward={name: shapes_alignment, options: {}}"])
+    assert cfg.eval.reward.options == {} and cfg.reward.options == {"mode": "graded"}
+    train_reward = cfg.reward.build()
+    eval_reward = _load_eval_reward(cfg, train_reward)
+    assert eval_reward is not train_reward and (train_reward._fn.mode, eval_reward._fn.mode) == ("graded", "partial")
+    # the same reward with the same options (or no eval.reward) is the training reward's own object
+    strict = "{name: shapes_alignment, options: {mode: strict}}"
+    for sets in (["eval.reward=null"], [f"reward={strict}", f"eval.reward={strict}"]):
+        cfg = load_config(None, sets)
+        train_reward = cfg.reward.build()
+        assert _load_eval_reward(cfg, train_reward) is train_reward
+    with pytest.raises(ConfigError, match=r"eval.reward: give either reward.name or reward.components"):
+        load_config(None, ["eval.reward={name: aesthetic, components: [{name: jpeg_compressibility}]}"])
+
+
 def test_mixed_precision_no_is_accepted_from_yaml_and_set(tmp_path):
     """YAML 1.1 reads a bare `no` (accelerate's spelling) as false."""
     path = tmp_path / "c.yaml"

@@ -123,6 +123,43 @@ def test_relation_and_shape_reading_on_a_drawn_image():
     assert torch.allclose(partial, torch.tensor([0.8, 0.8]))
 
 
+def test_graded_mode_scores_the_relation_by_its_margin():
+    """graded = partial with the relation attribute as sigmoid(margin / relation_scale): more credit the clearer
+    the relation holds, some credit for a near miss, none when an object is missing."""
+    from rewards.shapes_alignment import relation_margin
+
+    def scene(red_x: int, blue_x: int, blue_y: int = 14) -> Image.Image:
+        image = Image.new("RGB", (32, 32))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([red_x, 14, red_x + 9, 23], fill=(255, 0, 0))  # red square
+        draw.ellipse([blue_x, blue_y, blue_x + 9, blue_y + 9], fill=(0, 0, 255))  # blue circle
+        return image
+
+    far, near, wrong = scene(0, 22), scene(6, 17), scene(20, 2)  # red 22 / 11 px left of blue, or 18 px right
+    red, blue = sorted(detect([far])[0], key=lambda b: b.colour != "red")
+    assert relation_margin(red, blue, "left of") == 22.0 and relation_margin(red, blue, "right of") == -22.0
+    assert relation_margin(red, blue, "above") == relation_margin(red, blue, "below") == -22.0
+    prompt = "a red square left of a blue circle"
+    graded = make_shapes_alignment_reward("graded", relation_scale=4.0)
+    scores, info = graded([far, near, wrong], [prompt] * 3, None)
+    sigmoid = lambda m: 1 / (1 + math.exp(-m / 4.0))  # noqa: E731
+    assert scores.tolist() == pytest.approx([(4 + sigmoid(22)) / 5, (4 + sigmoid(11)) / 5, (4 + sigmoid(-18)) / 5])
+    assert info["partial_scores"].tolist() == pytest.approx([1.0, 1.0, 0.8])  # the binary metric is still reported
+    assert info["graded"] == pytest.approx(scores.mean().item())
+    missing = Image.new("RGB", (32, 32))
+    ImageDraw.Draw(missing).rectangle([0, 14, 9, 23], fill=(255, 0, 0))  # no blue object: relation scores 0
+    assert graded([missing], [prompt], None)[0].tolist() == pytest.approx([0.4])
+    # count prompts have no relation: graded equals partial
+    images, prompts = shapes.render_arrays(40, seed=4)
+    count = [i for i, p in enumerate(prompts) if shapes.spec(p).kind == "count"]
+    g, p_info = graded(images[count], [prompts[i] for i in count], None)
+    assert count and torch.equal(g, p_info["partial_scores"])
+    with pytest.raises(ValueError, match="relation_scale must be > 0"):
+        make_shapes_alignment_reward("graded", relation_scale=0)
+    with pytest.raises(ValueError, match="'partial', 'strict', 'graded'"):
+        make_shapes_alignment_reward("soft")
+
+
 def test_reward_contract():
     reward = make_shapes_alignment_reward()
     assert reward.name == "shapes_alignment" and reward.differentiable is False

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ConfigError",
@@ -87,6 +87,14 @@ class RewardComponent(Section):
 
 
 class RewardConfig(Section):
+    """A reward: one registered name with options, or a weighted list of components. A bare string is read as
+    the name (`eval.reward: jpeg_compressibility` = `eval.reward: {name: jpeg_compressibility}`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
     name: str | None = None
     """Registered reward name (`drl reward list`); leave empty when `components` is given."""
     options: dict[str, Any] = {}
