@@ -50,6 +50,11 @@ class ModelConfig(_Section):
     lora_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     """Denoiser module names that receive LoRA adapters (attention projections by default; on SD3 / FLUX add
     add_q_proj, add_k_proj, add_v_proj, to_add_out for the text stream)."""
+    text_encoder_lora_rank: int = Field(0, ge=0)
+    """LoRA rank on the text encoder's attention and MLP layers (q/k/v/out projections, fc1, fc2), trained with the
+    denoiser's LoRA; 0 = the text encoder stays frozen. SD 1.x / 2.x models."""
+    text_encoder_lora_alpha: float | None = Field(None, gt=0)
+    """The text encoder's LoRA alpha (scale = alpha / r); null = its rank (scale 1)."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernel: PyTorch scaled-dot-product attention, or xformers (CUDA with xformers installed only)."""
     max_sequence_length: int | None = Field(None, ge=1)
@@ -332,6 +337,13 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         )
     if t.kl_coef > 0 and not cfg.model.use_lora:
         problems.append("train.kl_coef > 0 needs model.use_lora=true (the reference is the denoiser with LoRA disabled)")
+    if cfg.model.text_encoder_lora_rank and not cfg.model.use_lora:
+        problems.append(f"model.text_encoder_lora_rank={cfg.model.text_encoder_lora_rank} needs model.use_lora=true "
+                        "(the text encoder's adapter is saved beside the denoiser's LoRA); set it to 0 or use LoRA")
+    if cfg.model.text_encoder_lora_rank and t.kl_coef > 0:
+        problems.append(f"train.kl_coef={t.kl_coef} with model.text_encoder_lora_rank="
+                        f"{cfg.model.text_encoder_lora_rank}: the KL reference does not switch off the text "
+                        "encoder's adapter; set train.kl_coef=0 or model.text_encoder_lora_rank=0")
     if c.kind == "coca" and c.stage2 == "paper" and c.buffer_size % 2:
         problems.append(
             f"credit.buffer_size ({c.buffer_size}) must be even with credit.stage2=paper: the published buffer stores "

@@ -69,18 +69,26 @@ class Family:
         return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
     # ---- saving --------------------------------------------------------------------------------------------
-    def save_lora(self, pipe_class, denoiser, out_dir: Path, state_dict: dict | None = None) -> None:
-        """A directory that the plain diffusers pipeline's `load_lora_weights(dir)` loads."""
+    def save_lora(self, pipe_class, denoiser, out_dir: Path, state_dict: dict | None = None,
+                  text_encoder: torch.nn.Module | None = None) -> None:
+        """A directory that the plain diffusers pipeline's `load_lora_weights(dir)` loads (with the text encoder's
+        adapter when `text_encoder` is given)."""
         from peft.utils import get_peft_model_state_dict
 
         # peft's own key names (lora_A / lora_B), which diffusers loads for Linear and Conv2d alike; the adapter
         # metadata carries rank and alpha, so the loaded scaling is alpha / rank as trained.
-        pipe_class.save_lora_weights(
-            out_dir,
-            **{f"{self.lora_prefix}_lora_layers": get_peft_model_state_dict(denoiser, state_dict=state_dict),
-               f"{self.lora_prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()},
-            safe_serialization=True,
-        )
+        layers = {f"{self.lora_prefix}_lora_layers": get_peft_model_state_dict(denoiser, state_dict=state_dict),
+                  f"{self.lora_prefix}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
+        if text_encoder is not None:
+            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
+            layers["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+        pipe_class.save_lora_weights(out_dir, **layers, safe_serialization=True)
+
+
+def text_encoder_trains(pipe) -> bool:
+    """Does the pipeline's text encoder carry a trainable adapter (model.text_encoder_lora_rank)?"""
+    encoder = getattr(pipe, "text_encoder", None)
+    return encoder is not None and any(p.requires_grad for p in encoder.parameters())
 
 
 def _cfg(forward, latents, timesteps, cond: Cond, guidance_scale: float, keys: dict[str, str]) -> torch.Tensor:
@@ -102,12 +110,27 @@ class SD(Family):
         device = pipe.text_encoder.device
         pos, _ = pipe.encode_prompt(prompts, device, 1, False)
         neg, _ = pipe.encode_prompt([negative_prompt], device, 1, False)  # one sequence, expanded over the batch
-        return {"embeds": pos, "negative_embeds": neg.expand(len(prompts), -1, -1)}
+        cond = {"embeds": pos, "negative_embeds": neg.expand(len(prompts), -1, -1)}
+        if text_encoder_trains(pipe):  # keep the tokens: the training forward encodes them again, with grad
+            cond["ids"], cond["negative_ids"] = self._token_ids(pipe, prompts), self._token_ids(pipe, [negative_prompt])
+            cond["negative_ids"] = cond["negative_ids"].expand(len(prompts), -1)
+        return cond
+
+    @staticmethod
+    def _token_ids(pipe, prompts: list[str]) -> torch.Tensor:
+        """[B, L] the token ids `encode_prompt` feeds the text encoder (padded to the tokenizer's max length)."""
+        return pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(pipe.text_encoder.device)
 
     def predict(self, pipe, denoiser, latents, timesteps, cond, guidance_scale):
         def forward(x, t, encoder_hidden_states):
             return denoiser(x, t, encoder_hidden_states=encoder_hidden_states).sample
 
+        if "ids" in cond and torch.is_grad_enabled():
+            # text-encoder LoRA: the policy's conditioning is a function of the trained adapter, so the training
+            # forward encodes the prompts again (the stored embeds are those of the weights that sampled)
+            encode = pipe.text_encoder
+            cond = {"embeds": encode(cond["ids"])[0], "negative_embeds": encode(cond["negative_ids"])[0]}
         return _cfg(forward, latents, timesteps, cond, guidance_scale, {"encoder_hidden_states": "embeds"})
 
     def latent_shape(self, pipe):

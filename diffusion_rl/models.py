@@ -252,9 +252,11 @@ def prepare_trainable_denoiser(
     rank: int,
     alpha: float,
     target_modules: list[str],
+    text_encoder_rank: int = 0,
+    text_encoder_alpha: float | None = None,
 ) -> list[torch.nn.Parameter]:
-    """Freeze everything but the denoiser (UNet or transformer); LoRA through peft on it, or all of it. Trainable
-    params are fp32."""
+    """Freeze everything but the denoiser (UNet or transformer); LoRA through peft on it, or all of it. With
+    `text_encoder_rank`, a LoRA on the text encoder too (its params come last). Trainable params are fp32."""
     from peft import LoraConfig
 
     from diffusion_rl.families import family_of
@@ -279,10 +281,26 @@ def prepare_trainable_denoiser(
     else:
         denoiser.requires_grad_(True)
     params = [p for p in denoiser.parameters() if p.requires_grad]
+    if text_encoder_rank:
+        params += add_text_encoder_lora(pipe.text_encoder, text_encoder_rank, text_encoder_alpha or text_encoder_rank)
     for p in params:
         # fp16/bf16 trainable params break GradScaler and lose small updates: keep them fp32.
         p.data = p.data.float()
     return params
+
+
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]  # CLIP text encoder layers
+
+
+def add_text_encoder_lora(text_encoder: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """A peft LoRA adapter ("default") on a frozen CLIP text encoder's attention and MLP layers; its params.
+    B starts at zero, so the encoder's output is unchanged until the first update."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS)
+    inject_adapter_in_model(config, text_encoder)
+    text_encoder.peft_config = {"default": config}  # what peft's state-dict helpers and diffusers' saving read
+    return [p for name, p in text_encoder.named_parameters() if "lora_" in name]
 
 
 def trainable_state_dict(denoiser: torch.nn.Module, use_lora: bool) -> dict[str, torch.Tensor]:
@@ -297,8 +315,10 @@ def trainable_state_dict(denoiser: torch.nn.Module, use_lora: bool) -> dict[str,
 
 
 def save_trained_weights(denoiser: torch.nn.Module, use_lora: bool, out_dir: str | Path, family: str = "sd",
-                         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """LoRA: a directory the family's plain diffusers pipeline loads with `load_lora_weights(dir)`.
+                         state_dict: dict[str, torch.Tensor] | None = None,
+                         text_encoder: torch.nn.Module | None = None) -> Path:
+    """LoRA: a directory the family's plain diffusers pipeline loads with `load_lora_weights(dir)` (holding the
+    text encoder's adapter too when `text_encoder` is given).
     Full fine-tune: `unet/` or `transformer/` saved with save_pretrained (safetensors). `state_dict`: the full
     weights when the module itself holds only a shard (FSDP: `accelerator.get_state_dict`)."""
     import diffusers
@@ -310,7 +330,7 @@ def save_trained_weights(denoiser: torch.nn.Module, use_lora: bool, out_dir: str
     fam = FAMILIES[family]()
     if use_lora:
         pipe_class = getattr(diffusers, next(c for c, f in PIPELINE_FAMILY.items() if f == family))
-        fam.save_lora(pipe_class, denoiser, out_dir, state_dict)
+        fam.save_lora(pipe_class, denoiser, out_dir, state_dict, text_encoder)
         return out_dir
     denoiser.save_pretrained(out_dir / fam.denoiser_attr, safe_serialization=True, state_dict=state_dict)
     return out_dir / fam.denoiser_attr

@@ -54,6 +54,7 @@ from diffusion_rl.core.run import (  # noqa: F401  (NonFiniteTrainingError, Resu
     MetricAccumulator,
     NonFiniteTrainingError,
     OptimizerStepGuard,
+    ParameterValues,
     ProcessInfo,
     ResumeError,
     TrainerCallback,
@@ -109,7 +110,8 @@ class Run(ProcessInfo):
     family: Family  # sd / sdxl (DDIM MDP) or sd3 / flux (flow MDP): conditioning, model call, latents
     rule: DDIMRule | FlowRule  # the stochastic step and its log-prob
     denoiser: torch.nn.Module  # the accelerate-prepared UNet / transformer that runs the forward (DDP syncs its grads)
-    params: list[torch.nn.Parameter]
+    params: list[torch.nn.Parameter]  # every trainable parameter: the denoiser's, then the text encoder's
+    text_encoder_params: list[torch.nn.Parameter]  # model.text_encoder_lora_rank: its adapter (not accelerate-prepared)
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     guard: OptimizerStepGuard
@@ -137,6 +139,8 @@ class Run(ProcessInfo):
             "prompt_sampler": self.sampler,
             "ema": self.ema,
             "best": self.best,
+            "text_encoder_lora": ParameterValues(self.text_encoder_params, "text-encoder LoRA")
+            if self.text_encoder_params else None,
         }
 
 
@@ -228,7 +232,8 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     _check_family_options(cfg, family)
     guard = OptimizerStepGuard(accelerator, params, optimizer, lr_scheduler, cfg.train.max_grad_norm,
                                cfg.train.max_consecutive_nonfinite)
-    reward_fn = cfg.reward.build() if reward_fn is None else rewards.as_reward(reward_fn)
+    configured_reward = reward_fn is None
+    reward_fn = cfg.reward.build() if configured_reward else rewards.as_reward(reward_fn)
     assigner = (credit.as_credit_assigner(credit_fn) if credit_fn is not None
                 else credit.make_credit(cfg.credit.kind, **_credit_options(cfg)))
     prompt_set = load_prompts(cfg.prompts)
@@ -240,10 +245,12 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, pipe=pipe, family=family, rule=rule, denoiser=denoiser,
         params=params, optimizer=optimizer,
+        text_encoder_params=[p for p in pipe.text_encoder.parameters() if p.requires_grad]
+        if cfg.model.text_encoder_lora_rank else [],
         lr_scheduler=lr_scheduler, guard=guard, ema=EMA(params, cfg.train.ema_decay) if cfg.train.ema else None,
         best=BestWeights(params) if validation_prompts and cfg.validation.keep_best else None,
         validation_prompts=validation_prompts,
-        reward_fn=reward_fn, eval_reward=_load_eval_reward(cfg, reward_fn), assigner=assigner,
+        reward_fn=reward_fn, eval_reward=_load_eval_reward(cfg, reward_fn, configured_reward), assigner=assigner,
         prompt_set=prompt_set,
         sampler=PromptSampler(prompt_set, cfg.seed, accelerator.num_processes, accelerator.process_index),
         trackers=trackers, component_weights=component_weights,
@@ -260,13 +267,21 @@ def _setup_model_and_optimizer(cfg: RunConfig, accelerator: Accelerator):
     family = family_of(pipe, m.max_sequence_length or builtin_max_sequence_length(m.pretrained))
     raw = family.denoiser(pipe)
     set_attention_backend(raw, m.attention)
-    params = prepare_trainable_denoiser(pipe, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules)
+    params = prepare_trainable_denoiser(pipe, m.use_lora, m.lora_rank, m.lora_alpha, m.lora_target_modules,
+                                        m.text_encoder_lora_rank, m.text_encoder_lora_alpha)
     if m.gradient_checkpointing:
         raw.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     # Prepare the module that owns the LoRA parameters *and* runs the forward, so DDP syncs them.
     denoiser, optimizer = accelerator.prepare(raw, optimizer)
+    if m.text_encoder_lora_rank and accelerator.num_processes > 1:
+        # not prepared (DDP broadcasts the denoiser's initial weights only): every rank starts from rank 0's draw
+        from accelerate.utils import broadcast
+
+        for p in pipe.text_encoder.parameters():
+            if p.requires_grad:
+                p.data.copy_(broadcast(p.data, from_process=0))
     # Not handed to accelerate (whose wrapper steps it once per process): the lr is a function of the global
     # step, stepped after each optimizer step and fast-forwarded on resume.
     lr_scheduler = get_scheduler(
@@ -280,6 +295,9 @@ def _check_family_options(cfg: RunConfig, family: Family) -> None:
     """Options that only one MDP has, refused where the loaded model has the other (the family is known only
     once the pipeline's index is read)."""
     s, problems = cfg.sample, []
+    if cfg.model.text_encoder_lora_rank and family.name != "sd":
+        problems.append(f"model.text_encoder_lora_rank={cfg.model.text_encoder_lora_rank} is for SD 1.x / 2.x models; "
+                        f"{cfg.model.pretrained} is a {family.name} model: set it to 0")
     if family.mdp == "ddim":
         for name in ("sde_window_size", "timestep_shift"):
             if getattr(s, name) is not None:
@@ -332,6 +350,9 @@ def print_startup(run: Run) -> None:
         f"{geo['effective_batch_trajectories']} trajectories = {geo['effective_batch_transitions']} transitions"
     )
     adapter = f"LoRA r={cfg.model.lora_rank}" if cfg.model.use_lora else f"full {run.family.denoiser_attr}"
+    if run.text_encoder_params:
+        adapter += (f" + text-encoder LoRA r={cfg.model.text_encoder_lora_rank} "
+                    f"({sum(p.numel() for p in run.text_encoder_params):,} params)")
     print(
         f"[drl] model {cfg.model.pretrained} ({run.family.name}, {run.family.mdp} MDP) | {adapter} | {trainable:,} trainable params | reward "
         f"{run.reward_fn.name} | credit {getattr(run.assigner, 'name', 'custom')}"
@@ -507,12 +528,22 @@ def train_epoch(run: Run, trajectories: Trajectories, step_adv: torch.Tensor, ep
                 loss, step_metrics = _train_step(run, view, micro, j)
                 metrics.add(step_metrics)
                 if run.accelerator.sync_gradients:
+                    _average_text_encoder_grads(run)
                     grad_norm = run.guard.step(loss, where=f"(epoch {epoch})")
                     if grad_norm is not None:
                         grad_norms.append(grad_norm)
                         if run.ema:
                             run.ema.update()
     return {**metrics.result(), "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "updates": len(grad_norms)}
+
+
+def _average_text_encoder_grads(run: Run) -> None:
+    """The text encoder's adapter is not accelerate-prepared (DDP syncs the denoiser's grads only): average its
+    grads over the processes before the optimizer step, so every rank takes the same step."""
+    if run.world > 1:
+        for p in run.text_encoder_params:
+            if p.grad is not None:
+                p.grad.copy_(run.accelerator.reduce(p.grad, reduction="mean"))
 
 
 def _train_step(run: Run, view: dict, micro: slice, j: int) -> tuple[torch.Tensor, dict]:
@@ -704,8 +735,9 @@ def finish(run: Run, result: TrainResult) -> None:
     state = run.accelerator.get_state_dict(run.denoiser)  # collective: under FSDP it gathers the full weights
     if run.main:
         raw = run.accelerator.unwrap_model(run.denoiser)
-        result.weights_dir = save_trained_weights(raw, cfg.model.use_lora, run.out / ("lora" if cfg.model.use_lora else "."),
-                                                  run.family.name, state)
+        result.weights_dir = save_trained_weights(
+            raw, cfg.model.use_lora, run.out / ("lora" if cfg.model.use_lora else "."), run.family.name, state,
+            text_encoder=run.pipe.text_encoder if run.text_encoder_params else None)
         print(f"[drl] done. weights: {result.weights_dir} | TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
@@ -760,10 +792,11 @@ def _validation_prompts(cfg: RunConfig) -> list[str]:
     return prompts
 
 
-def _load_eval_reward(cfg: RunConfig, train_reward: rewards.RewardFn) -> rewards.RewardFn:
-    # the training reward object is reused when eval.reward names the same reward with the same options
-    # (a reward model is loaded once)
-    if cfg.eval.reward is None or cfg.eval.reward == cfg.reward:
+def _load_eval_reward(cfg: RunConfig, train_reward: rewards.RewardFn, configured: bool = True) -> rewards.RewardFn:
+    """eval.reward, or the training reward. The training reward's object is reused when it is the configured
+    one (`configured`: not a Python-API `reward_fn`) and eval.reward names the same reward with the same options,
+    so a reward model is loaded once."""
+    if cfg.eval.reward is None or (configured and cfg.eval.reward == cfg.reward):
         return train_reward
     return cfg.eval.reward.build()
 

@@ -32,7 +32,11 @@ cfg = load_config(
 result = train(cfg, reward_fn=recording_reward)
 state = trainable_state_dict(family_of(result.pipeline).denoiser(result.pipeline), use_lora=True)
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+# the text encoder's adapter (model.text_encoder_lora_rank), whose grads the trainer averages itself
+text_encoder = [p.detach() for p in result.pipeline.text_encoder.parameters() if p.requires_grad]
 (out / f"rank_{result.process_index}.json").write_text(
     json.dumps({"params_sha256": digest, "lora_abs_sum": float(sum(v.abs().sum() for v in state.values())),
+                "text_encoder_sha256": hashlib.sha256(b"".join(p.numpy().tobytes() for p in text_encoder)).hexdigest(),
+                "text_encoder_abs_sum": float(sum(p.abs().sum() for p in text_encoder)),
                 "best_epoch": result.best_epoch, **seen})
 )

@@ -103,6 +103,8 @@ def test_all_problems_reported_at_once_with_paths_values_and_fixes():
         (["train.lr_warmup_steps=9"], "train.lr_warmup_steps (9) exceeds the run's optimizer steps (2 epochs x 4 updates = 8)"),
         (["train.lr_schedule=step"], "train.lr_schedule"),
         (["train.kl_coef=0.1", "model.use_lora=false"], "needs model.use_lora=true"),
+        (["model.text_encoder_lora_rank=4", "model.use_lora=false"], "model.text_encoder_lora_rank=4 needs model.use_lora=true"),
+        (["model.text_encoder_lora_rank=4", "train.kl_coef=0.1"], "does not switch off the text encoder's adapter"),
         (["reward.name=null"], "set reward.name"),
         (["prompts.source=file"], "needs prompts.path"),
         (["model.dtype=float64"], "model.dtype"),

@@ -20,13 +20,14 @@ FLOW = ["model.pretrained=builtin:tiny-random-sd3", "sample.sde_window_size=2", 
 
 
 # best-of-run selection on every rank (the worker's recording reward sees training samples only: the validation
-# scores with eval.reward, a separately loaded JPEG reward)
+# scores with eval.reward, a separately loaded JPEG reward), with a LoRA on the text encoder, which is not
+# accelerate-prepared (the trainer averages its grads)
 VALIDATION = ['validation.prompts=["a red circle", "a green triangle"]', "validation.every=1",
-              "eval.reward=jpeg_compressibility"]
+              "eval.reward=jpeg_compressibility", "model.text_encoder_lora_rank=4"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [VALIDATION, FLOW], ids=["sd-ddim-best-of-run", "sd3-flow-window-kl"])
+@pytest.mark.parametrize("extra", [VALIDATION, FLOW], ids=["sd-ddim-best-of-run-text-encoder-lora", "sd3-flow-window-kl"])
 def test_two_cpu_processes_share_weights_but_not_samples(tmp_path, extra):
     worker = Path(__file__).parent / "_dist_worker.py"
     # `accelerate launch --multi_gpu` starts the ranks with torch's elastic launcher; without CUDA the
@@ -47,6 +48,8 @@ def test_two_cpu_processes_share_weights_but_not_samples(tmp_path, extra):
     # ... yet DDP all-reduced the LoRA gradients: identical trainable weights after 2 epochs of updates
     assert r0["params_sha256"] == r1["params_sha256"]
     assert r0["lora_abs_sum"] == r1["lora_abs_sum"] > 0
+    assert r0["text_encoder_sha256"] == r1["text_encoder_sha256"]
+    assert r0["text_encoder_abs_sum"] == r1["text_encoder_abs_sum"] and (r0["text_encoder_abs_sum"] > 0) == (extra is VALIDATION)
     # every rank ends with the same best-of-run weights (the main process's validation score decides)
     assert r0["best_epoch"] == r1["best_epoch"] and r0["best_epoch"] in ((1, 2) if extra is VALIDATION else (None,))
     assert (f"best-of-run: the weights after epoch {r0['best_epoch']}" in proc.stdout) == (extra is VALIDATION)

@@ -421,3 +421,25 @@ class BestWeights:
         self.epoch = int(state["epoch"])
         self.weights = [w.to(device=p.device, dtype=p.dtype).clone()
                         for w, p in zip(weights, self.params if weights else [], strict=True)]
+
+
+class ParameterValues:
+    """Checkpoint component for trainable parameters that accelerate's state does not hold (those of a module that
+    was not handed to `accelerator.prepare`, e.g. an adapter on a frozen text encoder): their values, in order."""
+
+    def __init__(self, params: list[torch.nn.Parameter], what: str):
+        self.params, self.what = list(params), what
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": [p.detach().cpu().clone() for p in self.params]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        values = state["values"]
+        if len(values) != len(self.params) or any(v.shape != p.shape for v, p in zip(values, self.params)):
+            raise ResumeError(
+                f"the checkpoint's {self.what} holds {len(values)} tensors that do not match this run's "
+                f"{len(self.params)}; resume with the checkpoint's model settings"
+            )
+        for v, p in zip(values, self.params, strict=True):
+            p.copy_(v.to(device=p.device, dtype=p.dtype))
