@@ -59,6 +59,7 @@ def test_default_training_runs_evaluates_and_says_where_things_are(tmp_path):
     # the default's LoRA covers the convolutions too, and plain diffusers loads it onto the shipped model
     lora = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
     assert any(".resnets.0.conv1.lora_A." in k for k in lora) and any(".attn1.to_q.lora_A." in k for k in lora)
+    assert any(k.startswith("text_encoder.") and ".self_attn.q_proj.lora_B." in k for k in lora)  # and the encoder's
     pipe = load_pipeline("builtin:tiny-shapes")
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=4, output_type="pt")
