@@ -226,7 +226,8 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     set_seed(cfg.seed, device_specific=True)
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    pipe, family, denoiser, params, optimizer, lr_scheduler = _setup_model_and_optimizer(cfg, accelerator)
+    pipe, family, denoiser, params, text_encoder_params, optimizer, lr_scheduler = _setup_model_and_optimizer(
+        cfg, accelerator)
     s = cfg.sample
     rule = default_rule(family, s.eta, s.noise_level, s.timestep_shift)
     _check_family_options(cfg, family)
@@ -245,8 +246,7 @@ def setup(cfg: RunConfig, reward_fn: Callable | None, credit_fn: Callable | None
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, pipe=pipe, family=family, rule=rule, denoiser=denoiser,
         params=params, optimizer=optimizer,
-        text_encoder_params=[p for p in pipe.text_encoder.parameters() if p.requires_grad]
-        if cfg.model.text_encoder_lora_rank else [],
+        text_encoder_params=text_encoder_params,
         lr_scheduler=lr_scheduler, guard=guard, ema=EMA(params, cfg.train.ema_decay) if cfg.train.ema else None,
         best=BestWeights(params) if validation_prompts and cfg.validation.keep_best else None,
         validation_prompts=validation_prompts,
@@ -275,20 +275,22 @@ def _setup_model_and_optimizer(cfg: RunConfig, accelerator: Accelerator):
                                   weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
     # Prepare the module that owns the LoRA parameters *and* runs the forward, so DDP syncs them.
     denoiser, optimizer = accelerator.prepare(raw, optimizer)
-    if m.text_encoder_lora_rank and accelerator.num_processes > 1:
+    # the text encoder's adapter params come last in `params` (prepare_trainable_denoiser)
+    text_encoder_params = ([p for p in pipe.text_encoder.parameters() if p.requires_grad]
+                           if m.text_encoder_lora_rank else [])
+    if accelerator.num_processes > 1:
         # not prepared (DDP broadcasts the denoiser's initial weights only): every rank starts from rank 0's draw
         from accelerate.utils import broadcast
 
-        for p in pipe.text_encoder.parameters():
-            if p.requires_grad:
-                p.data.copy_(broadcast(p.data, from_process=0))
+        for p in text_encoder_params:
+            p.data.copy_(broadcast(p.data, from_process=0))
     # Not handed to accelerate (whose wrapper steps it once per process): the lr is a function of the global
     # step, stepped after each optimizer step and fast-forwarded on resume.
     lr_scheduler = get_scheduler(
         "constant_with_warmup" if t.lr_schedule == "constant" else t.lr_schedule, optimizer,
         num_warmup_steps=t.lr_warmup_steps, num_training_steps=cfg.num_optimizer_steps(),
     )
-    return pipe, family, denoiser, params, optimizer, lr_scheduler
+    return pipe, family, denoiser, params, text_encoder_params, optimizer, lr_scheduler
 
 
 def _check_family_options(cfg: RunConfig, family: Family) -> None:
