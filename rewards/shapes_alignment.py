@@ -195,6 +195,14 @@ def relation_holds(a: Blob, b: Blob, relation: str) -> bool:
     return relation_margin(a, b, relation) > 0
 
 
+def named_objects(query: Query, blobs: list[Blob]) -> tuple[Blob | None, Blob | None]:
+    """A relation prompt's two objects: the largest blob of each named colour (``blobs`` come largest first)."""
+    def largest(colour: str) -> Blob | None:
+        return next((blob for blob in blobs if blob.colour == colour), None)
+
+    return largest(query.colour1), largest(query.colour2)
+
+
 def check(query: Query, blobs: list[Blob]) -> dict[str, tuple[str, bool]]:
     """Per attribute: (attribute group, correct?)."""
     if query.kind == "count":
@@ -203,8 +211,7 @@ def check(query: Query, blobs: list[Blob]) -> dict[str, tuple[str, bool]]:
             "shape": ("shape", bool(blobs) and all(b.shape == query.shape1 for b in blobs)),
             "count": ("count", len(blobs) == query.count),
         }
-    a = next((b for b in blobs if b.colour == query.colour1), None)  # largest of each colour
-    b = next((b for b in blobs if b.colour == query.colour2), None)
+    a, b = named_objects(query, blobs)
     return {
         "colour1": ("colour", a is not None),
         "shape1": ("shape", a is not None and a.shape == query.shape1),
@@ -217,8 +224,7 @@ def check(query: Query, blobs: list[Blob]) -> dict[str, tuple[str, bool]]:
 def graded_relation(query: Query, blobs: list[Blob], scale: float) -> float:
     """The relation attribute of a relation prompt graded by its margin: sigmoid(margin / scale) when both named
     objects are found (0.5 on the boundary, towards 1 the clearer the relation holds), 0 when either is missing."""
-    a = next((b for b in blobs if b.colour == query.colour1), None)
-    b = next((b for b in blobs if b.colour == query.colour2), None)
+    a, b = named_objects(query, blobs)
     if a is None or b is None:
         return 0.0
     return 1.0 / (1.0 + math.exp(-relation_margin(a, b, query.relation) / scale))
